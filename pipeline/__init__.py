@@ -1,0 +1,1 @@
+"""Image-classification pipeline: DVC stages fetch_data -> prepare -> train -> evaluate."""

@@ -1,0 +1,166 @@
+"""The one engine: `train_one_epoch` and `evaluate`, used by train, evaluate and the benchmark.
+
+Data are whole uint8 tensors (N, C, H, W) sliced into batches in place: no DataLoader workers, no
+per-image decoding. On CUDA the uint8 tensor lives on the GPU when it fits (4x smaller than float),
+otherwise in pinned memory with non_blocking copies. Losses and correct counts are summed on the
+device and read once per epoch, so there is no per-batch `.item()` sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+from tqdm import tqdm
+
+from pipeline.config import PipelineError
+from pipeline.transforms import Transform
+
+log = logging.getLogger(__name__)
+
+GPU_DATA_FRACTION = 0.5  # keep the uint8 data on the GPU when it takes at most this share of free memory
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Device and numerics, resolved once in a stage's main and passed down."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype, None for fp32
+    channels_last: bool
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+
+def resolve_runtime(device: str, precision: str) -> Runtime:
+    """base.device and train.precision -> Runtime. `auto` picks CUDA when present and, on CUDA,
+    bf16 autocast where the GPU supports it, else fp16 with a grad scaler; fp32 on the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PipelineError(f"base.device={device}: CUDA is not available on this machine")
+        dev = torch.device(device)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PipelineError(f"base.device={device}: only {torch.cuda.device_count()} CUDA device(s)")
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        dev = torch.device("cpu")
+        torch.set_num_threads(os.cpu_count() or 1)
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev.type == "cuda" else "fp32"
+    if precision == "fp16" and dev.type == "cpu":
+        raise PipelineError("train.precision=fp16 needs CUDA; use fp32 or bf16 on the CPU")
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Runtime(device=dev, amp_dtype=amp, channels_last=dev.type == "cuda")
+
+
+def place(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Where a split's uint8 tensor lives during training: on the GPU when it fits, else pinned."""
+    if not rt.cuda:
+        return images
+    free, _ = torch.cuda.mem_get_info(rt.device)
+    if images.numel() <= GPU_DATA_FRACTION * free:
+        return images.to(rt.device)
+    return images.pin_memory()
+
+
+def prepare_model(model: nn.Module, rt: Runtime) -> nn.Module:
+    model = model.to(rt.device)
+    return model.to(memory_format=torch.channels_last) if rt.channels_last else model
+
+
+def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, rt: Runtime):
+    x = images[idx.to(images.device)].to(rt.device, non_blocking=True)
+    y = labels[idx.to(labels.device)].to(rt.device, non_blocking=True)
+    return x, y
+
+
+def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, transform: Transform,
+                    optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+                    loss_fn: nn.Module, batch_size: int, generator: torch.Generator, rt: Runtime,
+                    num_classes: int, desc: str = "train") -> dict[str, float]:
+    """One pass over the training split in a random order drawn from `generator`.
+
+    The model must already be in train mode (see models.set_train_mode). Returns train_loss (mean
+    per image), train_acc (per image over the split), images_per_second and epoch_seconds.
+    """
+    start = time.perf_counter()
+    order = torch.randperm(len(images), generator=generator)
+    total_loss = torch.zeros((), device=rt.device)
+    acc = MulticlassAccuracy(num_classes=num_classes, average="micro").to(rt.device)
+    batches = range(0, len(order), batch_size)
+    for i in tqdm(batches, desc=desc, leave=False, disable=not sys.stderr.isatty()):
+        x, y = _batch(images, labels, order[i:i + batch_size], rt)
+        x = transform(x)
+        if rt.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with rt.autocast():
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.detach() * len(y)
+        acc.update(logits.detach(), y)
+    seconds = time.perf_counter() - start
+    return {
+        "train_loss": total_loss.item() / len(images),
+        "train_acc": acc.compute().item(),
+        "epoch_seconds": seconds,
+        "images_per_second": len(images) / seconds,
+    }
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, transform: Transform, batch_size: int,
+                   rt: Runtime) -> torch.Tensor:
+    """Logits (float32, on the CPU) for every image, in order. The model must be in eval mode."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(rt.device, non_blocking=True)
+        x = transform(x)
+        if rt.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with rt.autocast():
+            out.append(model(x).float())
+    return torch.cat(out).cpu() if out else torch.empty(0)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, transform: Transform,
+             batch_size: int, rt: Runtime, num_classes: int, prefix: str = "val") -> dict[str, float]:
+    """Mean cross-entropy per image and per-image accuracy over a whole split."""
+    was_training = model.training
+    model.eval()
+    logits = predict_logits(model, images, transform, batch_size, rt)
+    model.train(was_training)
+    targets = labels.cpu()
+    acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+    return {
+        f"{prefix}_loss": F.cross_entropy(logits, targets).item(),
+        f"{prefix}_acc": acc(logits, targets).item(),
+    }

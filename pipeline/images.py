@@ -1,0 +1,71 @@
+"""Decoding one image file into a uint8 (C, H, W) array: used by prepare for the cache and by predict,
+so both see identical pixels. Anything that is not a usable image raises BadImage with a reason."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class BadImage(Exception):
+    """The file is not a usable image; str(e) is the reason recorded in the quarantine."""
+
+
+def decode(path: str | Path, size: int, channels: int, max_pixels: int) -> np.ndarray:
+    """Decode, EXIF-rotate, convert to L or RGB, and resize to size x size (squashing, like the
+    notes' transforms.Resize((size, size))). Returns uint8 of shape (channels, size, size)."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise BadImage("empty file (0 bytes)")
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between max_pixels and 2x that; both are bombs here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.draft(None, (size, size))  # JPEG: decode at a reduced scale, much faster
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                img = _to_mode(img, channels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage(_sniff(path)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"corrupt or truncated image: {e}") from None
+    img = img.resize((size, size), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode to L (1 channel) or RGB (3): transparency goes onto white, 16-bit and
+    32-bit greyscale are scaled rather than clipped, CMYK and palettes through PIL's converters."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode != "F":
+            arr = arr / 257.0  # 16-bit range 0..65535 onto 0..255
+        elif arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0  # float images are usually 0..1
+        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def _sniff(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(512)
+    lower = head.lower()
+    if b"<html" in lower or b"<!doctype" in lower:
+        return "an HTML page, not an image"
+    try:
+        head.decode("utf-8")
+        return "a text file, not an image"
+    except UnicodeDecodeError:
+        return "not a recognised image format"

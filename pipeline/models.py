@@ -1,0 +1,257 @@
+"""The model registry: `build_model(name, ...)` builds any entry of MODELS for a number of classes,
+1 or 3 input channels and any image size, optionally with pretrained weights, and freezes what
+`train.finetune` says. torchvision models keep their own structure; only the first conv (for 1
+channel) and the classifier (for the number of classes) are replaced."""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+class TinyVGG(nn.Module):
+    """The notes' TinyVGG: two blocks of conv3x3-ReLU-conv3x3-ReLU-maxpool2, then flatten-linear.
+
+    Padding 1 keeps the spatial size through the convs, so any image_size >= 4 works (the notes
+    hard-coded hidden_units*13*13 for 64x64 inputs with unpadded convs).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, hidden_units: int,
+                 batch_norm: bool, dropout: float):
+        super().__init__()
+
+        def block(c_in: int) -> nn.Sequential:
+            layers: list[nn.Module] = []
+            for c in (c_in, hidden_units):
+                layers.append(nn.Conv2d(c, hidden_units, 3, padding=1, bias=not batch_norm))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(hidden_units))
+                layers.append(nn.ReLU(inplace=True))
+            return nn.Sequential(*layers, nn.MaxPool2d(2))
+
+        self.features = nn.Sequential(block(in_channels), block(hidden_units))
+        side = image_size // 4
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout),
+                                        nn.Linear(hidden_units * side * side, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class MinSize(nn.Module):
+    """Upsamples inputs smaller than `size` (bilinear), so ImageNet models with 32x downsampling
+    accept 8x8 digits or 28x28 MNIST; larger inputs pass through untouched."""
+
+    def __init__(self, net: nn.Module, size: int):
+        super().__init__()
+        self.net, self.size = net, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.net(x)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How to find the parts of one architecture that build_model adapts or freezes."""
+
+    first_conv: str  # dotted attribute path of the first Conv2d
+    head: str  # dotted path of the final Linear (replaced for num_classes)
+    blocks: Callable[[nn.Module], list[nn.Module]]  # feature-extractor blocks, input to output
+    min_size: int  # smallest input side the architecture accepts
+
+
+def _vgg_blocks(m: nn.Module) -> list[nn.Module]:
+    blocks, current = [], []
+    for layer in m.features:
+        current.append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            blocks.append(nn.ModuleList(current))
+            current = []
+    return blocks + [m.classifier[:-1]]
+
+
+_VGG = Spec("features.0", "classifier.6", _vgg_blocks, 32)
+_STAGED = Spec("features.0.0", "classifier.-1", lambda m: list(m.features), 32)
+
+MODELS: dict[str, Spec] = {
+    "tinyvgg": Spec("features.0.0", "classifier.2", lambda m: list(m.features), 4),
+    "vgg11_bn": _VGG,
+    "vgg16": _VGG,
+    "vgg16_bn": _VGG,
+    "resnet18": Spec("conv1", "fc", lambda m: [nn.ModuleList([m.conv1, m.bn1]), m.layer1, m.layer2,
+                                               m.layer3, m.layer4], 32),
+    "efficientnet_b0": _STAGED,
+    "mobilenet_v3_small": _STAGED,
+    "mobilenet_v3_large": _STAGED,
+}
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, last = path.rpartition(".")
+    owner = _get(module, parent) if parent else module
+    if last.lstrip("-").isdigit():
+        owner[int(last)] = new
+    else:
+        setattr(owner, last, new)
+
+
+def build_model(name: str, num_classes: int, channels: int, image_size: int, *, hidden_units: int,
+                batch_norm: bool, dropout: float, pretrained: dict | None = None) -> nn.Module:
+    """Build registry entry `name`. `pretrained` is a state dict for the architecture as torchvision
+    (or an earlier run of this pipeline) saved it; its classifier is dropped when shapes differ."""
+    if name not in MODELS:
+        raise PipelineError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    spec = MODELS[name]
+    if name == "tinyvgg":
+        net: nn.Module = TinyVGG(channels, num_classes, image_size, hidden_units, batch_norm, dropout)
+        if pretrained is not None:
+            _load_matching(net, pretrained, name)
+        return net
+    import torchvision
+
+    net = torchvision.models.get_model(name, weights=None)
+    if pretrained is not None:
+        _load_matching(net, pretrained, name)
+    conv = _get(net, spec.first_conv)
+    if channels != conv.in_channels:
+        new = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        bias=conv.bias is not None)
+        with torch.no_grad():  # greyscale: the sum over RGB filters keeps pretrained responses
+            new.weight.copy_(conv.weight.sum(dim=1, keepdim=True) if channels == 1 else conv.weight[:, :channels])
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        _set(net, spec.first_conv, new)
+    head = _get(net, spec.head)
+    if head.out_features != num_classes:
+        _set(net, spec.head, nn.Linear(head.in_features, num_classes))
+    return MinSize(net, spec.min_size) if image_size < spec.min_size else net
+
+
+def _load_matching(net: nn.Module, state: dict, name: str) -> None:
+    """Load every tensor whose name and shape match; a differing classifier is left new."""
+    own = net.state_dict()
+    state = {k.removeprefix("net."): v for k, v in state.items()}
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(own) - set(usable))
+    if len(usable) < len(own) // 2:
+        raise PipelineError(f"train.weights: the state dict does not fit {name} "
+                            f"({len(usable)} of {len(own)} tensors match)")
+    if skipped:
+        log.info("pretrained weights: %d tensors left newly initialised: %s", len(skipped), ", ".join(skipped[:6]))
+    net.load_state_dict(usable, strict=False)
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    return net.net if isinstance(net, MinSize) else net
+
+
+def apply_finetune(net: nn.Module, name: str, mode: str, unfreeze_last: int) -> list[nn.Module]:
+    """Freeze per train.finetune and return the frozen modules (their BN layers must stay in eval
+    mode; see set_train_mode). `full` freezes nothing; `head` all but the classifier; `last_n` all
+    but the classifier and the last `unfreeze_last` feature blocks."""
+    if mode == "full":
+        return []
+    core = unwrap(net)
+    spec = MODELS[name]
+    blocks = spec.blocks(core)
+    frozen = blocks if mode == "head" else blocks[:max(len(blocks) - unfreeze_last, 0)]
+    for block in frozen:
+        for p in block.parameters():
+            p.requires_grad_(False)
+    if mode == "head":  # everything that is not the head, blocks or not (resnet's avgpool has none)
+        head_params = {id(p) for p in _get(core, spec.head).parameters()}
+        for p in core.parameters():
+            if id(p) not in head_params:
+                p.requires_grad_(False)
+    return frozen
+
+
+def set_train_mode(net: nn.Module, frozen: list[nn.Module]) -> None:
+    """net.train(), except that frozen parts stay in eval mode so their BN statistics don't move."""
+    net.train()
+    for block in frozen:
+        block.eval()
+
+
+def resolve_weights(name: str, weights: str | None) -> tuple[dict | None, dict | None]:
+    """train.weights -> (state dict, normalisation {"mean", "std"} to use, or None for prepare's).
+
+    `DEFAULT` or a torchvision weights name come from the torch hub cache (downloaded when online);
+    a path is a state dict or a models/model.pt of this pipeline; `models:/<name>@<alias>` is a
+    model from the MLflow registry.
+    """
+    if weights is None:
+        return None, None
+    if weights.startswith("models:/") or weights.startswith("runs:/"):
+        from pipeline.tracking import load_registered_state
+
+        return load_registered_state(weights)
+    path = Path(weights).expanduser()
+    if path.suffix in (".pt", ".pth") or path.exists():
+        if not path.exists():
+            raise PipelineError(f"train.weights: {path}: no such file")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict) and "state_dict" in obj:  # a models/model.pt of this pipeline
+            cfg = obj.get("config", {})
+            norm = {"mean": cfg["mean"], "std": cfg["std"]} if "mean" in cfg else None
+            return obj["state_dict"], norm
+        return obj, None
+    return _torchvision_weights(name, weights)
+
+
+def _torchvision_weights(name: str, weights: str) -> tuple[dict, dict]:
+    from torch.hub import get_dir, load_state_dict_from_url
+    from torchvision.models import get_model_weights
+
+    if name == "tinyvgg":
+        raise PipelineError(f"train.weights={weights}: tinyvgg has no torchvision weights; use null or a path")
+    enum = get_model_weights(name)
+    try:
+        w = enum.DEFAULT if weights == "DEFAULT" else enum[weights.split(".")[-1]]
+    except KeyError:
+        raise PipelineError(f"train.weights={weights}: not a weights name of {name}; choose DEFAULT or "
+                            f"one of {', '.join(m.name for m in enum)}") from None
+    cached = Path(get_dir()) / "checkpoints" / os.path.basename(w.url)
+    try:
+        state = load_state_dict_from_url(w.url, map_location="cpu", progress=True, check_hash=True)
+    except (urllib.error.URLError, OSError) as e:
+        raise PipelineError(f"train.weights={weights}: {w} is not in the torch hub cache and could not be "
+                            f"downloaded ({e}); place {w.url} at {cached}") from None
+    t = w.transforms()
+    return state, {"mean": list(t.mean), "std": list(t.std)}
+
+
+class Classifier(nn.Module):
+    """The served model: float images in 0..1, (N, C, H, W) -> class probabilities.
+
+    Normalisation is inside, so a client of `mlflow models serve` only resizes and scales pixels.
+    """
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net((x - self.mean) / self.std).float(), dim=1)

@@ -1,0 +1,215 @@
+"""Stage prepare: data/raw/ -> data/prepared/ (uint8 tensor cache), reports/data.json.
+
+Every image is decoded once, straight into a memory-mapped array, so memory stays at the size of the
+output however many images there are. Unusable files are quarantined with a reason, never fatal;
+a class left with too few images is.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import multiprocessing
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.cli import run_stage
+from pipeline.config import Params, PipelineError, Prepare
+from pipeline.fetch_data import RAW_DIR, RAW_JSON
+from pipeline.images import BadImage, decode
+from pipeline.io import atomic_path, read_json, remove, sha256_file, write_json
+from pipeline.prepared import PREPARED_DIR
+from pipeline.sources import is_hidden
+
+log = logging.getLogger(__name__)
+
+DATA_REPORT = Path("reports/data.json")
+ROWS_PER_CHUNK = 4096  # images copied or summed at a time: bounds memory on any data size
+
+
+def list_images(raw_dir: Path, layout: str) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Classes (sorted, from train) and (split, class, relative path) for every visible file.
+
+    Split is "train", "test" or "all" (no test split in the source). Hidden folders are skipped and
+    symlinked folders are not followed (a symlink loop cannot trap the walk).
+    """
+    splits = {"all": raw_dir} if layout == "classes" else {s: raw_dir / s for s in ("train", "test")}
+    items = []
+    for split, folder in splits.items():
+        if not folder.is_dir():
+            continue
+        for cls in sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)):
+            for dirpath, dirnames, filenames in os.walk(folder / cls):
+                dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+                for name in sorted(filenames):
+                    if not is_hidden(name):
+                        rel = Path(dirpath, name).relative_to(raw_dir).as_posix()
+                        items.append((split, cls, rel))
+    classes = sorted({cls for split, cls, _ in items if split in ("train", "all")})
+    return classes, items
+
+
+def check_class_counts(counts: dict[str, int], minimum: int, when: str) -> None:
+    short = {c: n for c, n in counts.items() if n < minimum}
+    if short:
+        listed = ", ".join(f"{c!r} ({n})" for c, n in sorted(short.items()))
+        raise PipelineError(f"{when}, classes with fewer than prepare.min_images_per_class={minimum} "
+                            f"images: {listed}")
+
+
+def _decode_one(rel: str, raw_dir: Path, cfg: Prepare):
+    try:
+        return decode(raw_dir / rel, cfg.image_size, cfg.channels, cfg.max_image_pixels)
+    except BadImage as e:
+        return str(e)
+    except OSError as e:  # unreadable file: permission, broken link
+        return f"unreadable: {e}"
+
+
+def decode_all(rels: list[str], raw_dir: Path, cfg: Prepare, out: Path) -> tuple[np.ndarray, dict[str, str]]:
+    """Decode files into a new memory-mapped .npy at `out`; returns (ok mask, {file: reason})."""
+    images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
+                                       shape=(len(rels), cfg.channels, cfg.image_size, cfg.image_size))
+    ok = np.zeros(len(rels), dtype=bool)
+    quarantined = {}
+    work = partial(_decode_one, raw_dir=raw_dir, cfg=cfg)
+    workers = min(os.cpu_count() or 1, 8) if len(rels) >= 1000 else 1
+    bar = tqdm(total=len(rels), desc="prepare", unit="img", disable=not sys.stderr.isatty())
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(work, rels, chunksize=64) if pool else map(work, rels)
+        for i, result in enumerate(results):
+            if isinstance(result, str):
+                quarantined[rels[i]] = result
+            else:
+                images[i] = result
+                ok[i] = True
+            bar.update()
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    images.flush()
+    del images
+    return ok, quarantined
+
+
+def split_indices(labels: np.ndarray, source_split: np.ndarray, cfg: Prepare, seed: int) -> dict[str, np.ndarray]:
+    """Stratified, seeded split into train/val/test.
+
+    With a test split in the source, it stays the test set and val is carved from train; otherwise
+    test and val are both carved from all images, class by class.
+    """
+    rng = np.random.default_rng(seed)
+    has_test = bool((source_split == "test").any())
+    out: dict[str, list] = {"train": [], "val": [], "test": []}
+    if has_test:
+        out["test"].append(np.flatnonzero(source_split == "test"))
+    for cls in np.unique(labels):
+        idx = np.flatnonzero((labels == cls) & (source_split != "test"))
+        idx = idx[rng.permutation(len(idx))]
+        n_test = 0 if has_test else int(round(len(idx) * cfg.test_fraction))
+        n_val = int(round((len(idx) - n_test) * cfg.val_fraction))
+        out["test"].append(idx[:n_test])
+        out["val"].append(idx[n_test:n_test + n_val])
+        out["train"].append(idx[n_test + n_val:])
+    return {k: np.sort(np.concatenate(v)) if v else np.array([], dtype=np.int64) for k, v in out.items()}
+
+
+def channel_stats(images: np.ndarray, idx: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std, in 0..1 units, over images[idx], a chunk at a time."""
+    total = np.zeros(images.shape[1])
+    squares = np.zeros(images.shape[1])
+    for start in range(0, len(idx), ROWS_PER_CHUNK):
+        chunk = images[idx[start:start + ROWS_PER_CHUNK]].astype(np.float64) / 255.0
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += (chunk ** 2).sum(axis=(0, 2, 3))
+    n = len(idx) * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean ** 2, 1e-12))
+    return mean.round(6).tolist(), std.round(6).tolist()
+
+
+def write_split(folder: Path, split: str, images: np.ndarray, idx: np.ndarray,
+                labels: np.ndarray, rels: list[str]) -> dict:
+    npy, table = folder / f"{split}.npy", folder / f"{split}.csv"
+    out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(idx),) + images.shape[1:])
+    for start in range(0, len(idx), ROWS_PER_CHUNK):
+        out[start:start + ROWS_PER_CHUNK] = images[idx[start:start + ROWS_PER_CHUNK]]
+    out.flush()
+    del out
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label"])
+        writer.writerows((rels[i], int(labels[i])) for i in idx)
+    return {"count": len(idx), "sha256": {p.name: sha256_file(p) for p in (npy, table)}}
+
+
+def prepare(params: Params, raw_dir: Path = RAW_DIR, raw_json: Path = RAW_JSON,
+            out_dir: Path = PREPARED_DIR, report_path: Path = DATA_REPORT) -> dict:
+    """Build the cache in a temp folder and rename it into place; returns the data report."""
+    cfg = params.prepare
+    if not raw_json.exists():
+        raise PipelineError(f"{raw_json}: missing; run the fetch_data stage first")
+    raw = read_json(raw_json)
+    classes, items = list_images(raw_dir, raw["layout"])
+    if not classes:
+        raise PipelineError(f"{raw_dir}: no class folders with images")
+    unknown = sorted({c for s, c, _ in items if c not in classes})
+    if unknown:
+        raise PipelineError(f"{raw_dir}/test has classes that train lacks: {', '.join(unknown)}")
+    index = {c: i for i, c in enumerate(classes)}
+    rels = [rel for _, _, rel in items]
+    labels = np.array([index[c] for _, c, _ in items], dtype=np.int64)
+    source_split = np.array([s for s, _, _ in items])
+    trainable = source_split != "test"
+    # Fail before decoding anything when the files alone are too few.
+    check_class_counts({c: int(((labels == i) & trainable).sum()) for c, i in index.items()},
+                       cfg.min_images_per_class, f"in {raw_dir}")
+
+    with atomic_path(out_dir, directory=True) as tmp:
+        ok, quarantined = decode_all(rels, raw_dir, cfg, tmp / "all.npy")
+        if quarantined:
+            log.warning("quarantined %d of %d files (reasons in %s)", len(quarantined), len(rels), report_path)
+        check_class_counts({c: int(((labels == i) & trainable & ok).sum()) for c, i in index.items()},
+                           cfg.min_images_per_class, "after quarantining unusable files")
+        keep = np.flatnonzero(ok)
+        parts = {k: keep[v] for k, v in split_indices(labels[keep], source_split[keep], cfg,
+                                                       params.base.seed).items()}
+        images = np.load(tmp / "all.npy", mmap_mode="r")
+        mean, std = channel_stats(images, parts["train"])
+        splits = {s: write_split(tmp, s, images, idx, labels, rels) for s, idx in parts.items()}
+        del images
+        remove(tmp / "all.npy")
+        write_json(tmp / "classes.json", classes)
+        meta = {"image_size": cfg.image_size, "channels": cfg.channels, "classes": classes,
+                "mean": mean, "std": std, "source": raw.get("source"),
+                "raw_sha256": raw.get("content_sha256"), "splits": splits}
+        write_json(tmp / "meta.json", meta)
+
+    report = {
+        "classes": classes,
+        "images": {s: int(len(idx)) for s, idx in parts.items()},
+        "counts": {s: {c: int((labels[idx] == i).sum()) for c, i in index.items()} for s, idx in parts.items()},
+        "quarantined": [{"file": f, "reason": r} for f, r in sorted(quarantined.items())],
+        "mean": mean,
+        "std": std,
+    }
+    write_json(report_path, report)
+    return report
+
+
+def main(params: Params) -> None:
+    report = prepare(params)
+    log.info("prepared %s images (%s) of %d classes, %d quarantined -> %s",
+             sum(report["images"].values()), ", ".join(f"{k} {v}" for k, v in report["images"].items()),
+             len(report["classes"]), len(report["quarantined"]), PREPARED_DIR)
+
+
+if __name__ == "__main__":
+    run_stage(main)

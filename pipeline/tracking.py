@@ -1,0 +1,190 @@
+"""Tracking at the edges: the stages talk to MLflow only through this module.
+
+The tracking URI comes from MLFLOW_TRACKING_URI (credentials from MLFLOW_TRACKING_USERNAME and
+MLFLOW_TRACKING_PASSWORD, read by MLflow itself), default the local sqlite:///mlflow.db.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import PipelineError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+REACH_TIMEOUT_S = 5  # a tracking server that does not answer within this fails the stage up front
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def configure(experiment: str) -> str:
+    """Point MLflow at the tracking URI and experiment; fail fast, naming the URI, when a server is
+    unreachable, before any training starts."""
+    import mlflow
+
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(experiment)
+    except Exception as e:  # MLflow raises its own and requests' errors; all mean the same here
+        raise PipelineError(f"MLflow tracking at {uri}: cannot set experiment {experiment!r}: {e}") from e
+    return uri
+
+
+def _check_server(uri: str) -> None:
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # it answered (auth or routing aside): reachable
+    except (urllib.error.URLError, OSError) as e:
+        raise PipelineError(f"MLflow tracking server {uri} is unreachable ({e}); start it or fix "
+                            "MLFLOW_TRACKING_URI") from None
+
+
+def git_tags() -> dict[str, str]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    return {"git.commit": commit or "none", "git.dirty": str(bool(git("status", "--porcelain"))).lower()}
+
+
+def dvc_out_hash(path: str, lock: Path = Path("dvc.lock")) -> str:
+    """The md5 DVC recorded in dvc.lock for output `path` (e.g. data/prepared), or "" if none."""
+    if not lock.exists():
+        return ""
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if out.get("path") == path:
+                return out.get("md5", "")
+    return ""
+
+
+def start_run(run_id: str | None, run_name: str | None = None, tags: dict | None = None):
+    """Start a new run, or reopen `run_id` (a resumed train, or evaluate completing train's run)."""
+    import mlflow
+
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+    if tags:
+        mlflow.set_tags(tags)
+    return run
+
+
+def end_run(status: str = "FINISHED") -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.end_run(status=status)
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    from mlflow import MlflowClient
+
+    return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
+
+
+def log_params(params: dict) -> None:
+    import mlflow
+
+    mlflow.log_params({k: "null" if v is None else v for k, v in params.items()})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics(metrics, step=step)
+
+
+def log_dataset(path: Path, name: str, digest: str, context: str) -> None:
+    """Record the prepared data as the run's input: its folder, the source's name and a digest."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import get_registered_sources
+    from mlflow.data.meta_dataset import MetaDataset
+
+    # Named directly: MLflow registers the local source twice and warns when asked to guess.
+    local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
+    ds = MetaDataset(local(str(Path(path).resolve())), name=name, digest=digest[:32])
+    mlflow.log_input(ds, context=context)
+
+
+def set_tags(tags: dict) -> None:
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+def log_text(text: str, name: str) -> None:
+    import mlflow
+
+    mlflow.log_text(text, name)
+
+
+def log_figure(fig, name: str) -> None:
+    import mlflow
+
+    mlflow.log_figure(fig, name)
+
+
+def log_artifact(path: str | Path, folder: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+def log_model(model, example, step: int, name: str = "model"):
+    """Log the served model (models.Classifier) with its signature and an input example; returns the
+    logged model's URI (models:/<model_id>)."""
+    import mlflow
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        probs = model(torch.from_numpy(example)).numpy()
+    signature = mlflow.models.infer_signature(example, probs)
+    info = mlflow.pytorch.log_model(
+        model, name=name, step=step, signature=signature, input_example=example,
+        code_paths=[str(Path(__file__).parent)], pip_requirements=_requirements())
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    """Exact pins of what loading the model needs, from requirements.txt (skips MLflow's slow
+    requirement inference, which loads the model in a subprocess)."""
+    wanted = ("torch", "torchvision", "numpy", "pillow", "pyyaml", "mlflow")
+    lines = Path(__file__).parent.parent.joinpath("requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.split("==")[0].strip().lower() in wanted]
+
+
+def load_model(uri: str):
+    """A logged Classifier from models:/..., runs:/... or a models:/<name>@<alias> URI."""
+    import mlflow
+
+    try:
+        return mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as e:  # MlflowException for unknown names/aliases, OSError for missing files
+        raise PipelineError(f"cannot load model {uri} from {tracking_uri()}: {e}") from e
+
+
+def load_registered_state(uri: str) -> tuple[dict, dict]:
+    """train.weights=models:/<name>@<alias>: the inner network's state dict and its normalisation."""
+    from pipeline.models import unwrap
+
+    model = load_model(uri)
+    state = unwrap(model.net).state_dict()
+    return state, {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()}
