@@ -244,14 +244,26 @@ def _torchvision_weights(name: str, weights: str) -> tuple[dict, dict]:
 class Classifier(nn.Module):
     """The served model: float images in 0..1, (N, C, H, W) -> class probabilities.
 
-    Normalisation is inside, so a client of `mlflow models serve` only resizes and scales pixels.
+    Normalisation is inside, so a client of `mlflow models serve` only resizes and scales pixels;
+    `classes`, `image_size` and `channels` travel with it for predict.
     """
 
-    def __init__(self, net: nn.Module, mean, std):
+    def __init__(self, net: nn.Module, mean, std, classes: list[str], image_size: int, channels: int):
         super().__init__()
         self.net = net
+        self.classes, self.image_size, self.channels = list(classes), image_size, channels
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.net((x - self.mean) / self.std).float(), dim=1)
+
+
+def load_classifier(path: str | Path) -> Classifier:
+    """models/model.pt (weights + config, loaded with weights_only=True) -> Classifier on the CPU."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = obj["config"]
+    net = build_model(cfg["model"], cfg["num_classes"], cfg["channels"], cfg["image_size"],
+                      hidden_units=cfg["hidden_units"], batch_norm=cfg["batch_norm"], dropout=cfg["dropout"])
+    net.load_state_dict(obj["state_dict"])
+    return Classifier(net, cfg["mean"], cfg["std"], cfg["classes"], cfg["image_size"], cfg["channels"]).eval()

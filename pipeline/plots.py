@@ -14,14 +14,13 @@ import numpy as np  # noqa: E402
 def loss_curves(history: list[dict]):
     """The notes' plot_loss_curves: loss and accuracy per epoch, train and val, in two panels."""
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], label=f"train_{key}")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], label=f"val_{key}")
         ax.set_title("Loss" if key == "loss" else "Accuracy")
         ax.set_xlabel("epoch")
         ax.legend()
-    fig.tight_layout()
     return fig
 
 
@@ -29,7 +28,7 @@ def confusion_matrix(cm: np.ndarray, classes: list[str]):
     """Counts and row-normalised (recall per true class) side by side, class names on both axes."""
     n = len(classes)
     side = max(5.0, 0.45 * n + 2)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side, side))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side, side), layout="constrained")
     rows = cm.sum(axis=1, keepdims=True)
     normed = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
     for ax, data, title, fmt in ((axes[0], cm, "Counts", "d"), (axes[1], normed, "Row-normalised", ".2f")):
@@ -45,7 +44,6 @@ def confusion_matrix(cm: np.ndarray, classes: list[str]):
                 for j in range(n):
                     ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=8,
                             color="white" if data[i, j] > top / 2 else "black")
-    fig.tight_layout()
     return fig
 
 
@@ -53,7 +51,7 @@ def image_grid(images: np.ndarray, titles: list[str], colors: list[str], suptitl
     """uint8 (N, C, H, W) images with a title each (the notes' plot_most_correct / pred_and_plot)."""
     n = len(images)
     rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, title, color in zip(axes.flat, images, titles, colors):
@@ -61,7 +59,6 @@ def image_grid(images: np.ndarray, titles: list[str], colors: list[str], suptitl
         ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
         ax.set_title(title, color=color, fontsize=9)
     fig.suptitle(suptitle)
-    fig.tight_layout()
     return fig
 
 

@@ -157,9 +157,13 @@ def log_model(model, example, step: int, name: str = "model"):
     with torch.no_grad():
         probs = model(torch.from_numpy(example)).numpy()
     signature = mlflow.models.infer_signature(example, probs)
+    # Pickle, not MLflow 3's default pt2 export: the Classifier (with its classes, image size and
+    # channels) must round-trip for predict, evaluate's re-scoring and warm starts; code_paths
+    # ships the pipeline package so the pickle loads anywhere.
     info = mlflow.pytorch.log_model(
         model, name=name, step=step, signature=signature, input_example=example,
-        code_paths=[str(Path(__file__).parent)], pip_requirements=_requirements())
+        serialization_format="pickle", code_paths=[str(Path(__file__).parent)],
+        pip_requirements=_requirements())
     return info.model_uri
 
 
@@ -188,3 +192,52 @@ def load_registered_state(uri: str) -> tuple[dict, dict]:
     model = load_model(uri)
     state = unwrap(model.net).state_dict()
     return state, {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()}
+
+
+# -- model registry ---------------------------------------------------------------------------------
+
+CHAMPION = "champion"
+
+
+def register(model_uri: str, name: str, run_id: str):
+    """Register the run's logged model under `name` (once: a re-run of evaluate on the same train
+    run reuses its version); returns the ModelVersion."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name)
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if version.source == model_uri:
+            return version
+    return client.create_model_version(name, model_uri, run_id=run_id)
+
+
+def champion(name: str):
+    """The ModelVersion behind `name@champion`, or None when there is none yet."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code) or "not found" in str(e).lower():
+            return None
+        raise
+
+
+def tag_version(name: str, version: str, tags: dict) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def set_champion(name: str, version: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_registered_model_alias(name, CHAMPION, version)

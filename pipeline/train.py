@@ -332,7 +332,8 @@ def _finish(params: Params, net: nn.Module, config: dict, state: State, reason: 
     fig = plots.loss_curves(state.history)
     tracking.log_figure(fig, "loss_curves.png")
     plots.close(fig)
-    served = Classifier(_cpu_copy(net, config), config["mean"], config["std"])
+    served = Classifier(_cpu_copy(net, config), config["mean"], config["std"], config["classes"],
+                        config["image_size"], config["channels"])
     example = np.random.default_rng(0).random(
         (2, config["channels"], config["image_size"], config["image_size"]), dtype=np.float32)
     summary["model_uri"] = tracking.log_model(served, example, step=best["epoch"])
