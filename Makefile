@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install repro test bench clean
+.PHONY: install repro retrain sweep test bench clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,19 @@ install: $(VENV)/.installed
 
 repro: install
 	dvc repro
+
+# CI's retrain job (.github/workflows/retrain.yml) runs exactly this; RETRAIN_BASE picks the diff base.
+retrain: install
+	$(PY) -m pipeline.retrain
+
+# A queued sweep of DVC experiments, 2 at a time, grouped in MLflow by the tag sweep=<name>:
+#   make sweep SWEEP="-S train.lr=0.001,0.003,0.01"
+SWEEP ?= -S train.lr=0.001,0.003,0.01
+SWEEP_NAME ?= sweep-$(shell date +%Y%m%d-%H%M%S)
+sweep: install
+	dvc exp run --queue $(SWEEP)
+	PIPELINE_SWEEP=$(SWEEP_NAME) dvc queue start -j 2
+	dvc queue status
 
 test: install
 	$(PY) -m pytest -q tests

@@ -240,7 +240,9 @@ def _extract_zip(archive: Path, out: Path, cfg: Data) -> None:
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise FetchError(f"{archive}: member {info.filename!r} is a symbolic link (not allowed)")
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            # Only the file-type bits say "special": zips written by Python's ZipFile.writestr (and
+            # other tools) store permission bits alone (0o600 << 16, type 0), which are plain files.
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise FetchError(f"{archive}: member {info.filename!r} is a special file (not allowed)")
             budget.check_ratio(f"member {info.filename!r}", info.file_size, info.compress_size)
         for info in tqdm(infos, desc=f"extract {archive.name}", disable=not sys.stderr.isatty()):

@@ -19,12 +19,20 @@ from pipeline.config import PipelineError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 REACH_TIMEOUT_S = 5  # a tracking server that does not answer within this fails the stage up front
+SQLITE_BUSY_TIMEOUT_S = 60  # concurrent experiments wait this long for sqlite's write lock
+
+
+def project_root() -> Path:
+    """The DVC project's root, also inside `dvc exp run --queue` temp workspaces (DVC_ROOT)."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """MLFLOW_TRACKING_URI, else the project's sqlite:///mlflow.db, with a busy timeout so that two
+    experiments logging at once wait for each other instead of failing with 'database is locked'."""
+    return (os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{project_root() / 'mlflow.db'}?timeout={SQLITE_BUSY_TIMEOUT_S}")
 
 
 def configure(experiment: str) -> str:
@@ -37,10 +45,24 @@ def configure(experiment: str) -> str:
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
     try:
+        if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
+            _create_local_experiment(experiment)
         mlflow.set_experiment(experiment)
     except Exception as e:  # MLflow raises its own and requests' errors; all mean the same here
         raise PipelineError(f"MLflow tracking at {uri}: cannot set experiment {experiment!r}: {e}") from e
     return uri
+
+
+def _create_local_experiment(name: str) -> None:
+    """Artifacts under the project's mlruns/, wherever the first run happens to start (a queued
+    experiment's temp workspace is deleted afterwards)."""
+    import mlflow
+
+    try:
+        mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
+    except mlflow.exceptions.MlflowException:
+        if mlflow.get_experiment_by_name(name) is None:  # not a lost race with a concurrent run
+            raise
 
 
 def _check_server(uri: str) -> None:
@@ -51,6 +73,15 @@ def _check_server(uri: str) -> None:
     except (urllib.error.URLError, OSError) as e:
         raise PipelineError(f"MLflow tracking server {uri} is unreachable ({e}); start it or fix "
                             "MLFLOW_TRACKING_URI") from None
+
+
+def dvc_exp_tags() -> dict[str, str]:
+    """Inside `dvc exp run`: the experiment's name and baseline revision. Runs of one sweep share the
+    baseline, and PIPELINE_SWEEP (set by `make sweep`) names the sweep itself."""
+    tags = {"dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
+            "dvc.exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV"),
+            "sweep": os.environ.get("PIPELINE_SWEEP")}
+    return {k: v for k, v in tags.items() if v}
 
 
 def git_tags() -> dict[str, str]:

@@ -271,7 +271,7 @@ def main(params: Params) -> None:
     ckpt = load_checkpoint(ckpt_path, fp)
     state = restore(ckpt, net, opt, sched, scaler, gen) if ckpt else State()
     run = tracking.start_run(state.run_id, run_name=f"{cfg.model}-{params.data.source}", tags={
-        **tracking.git_tags(), "data.source": params.data.source,
+        **tracking.git_tags(), **tracking.dvc_exp_tags(), "data.source": params.data.source,
         "dvc.prepared_md5": tracking.dvc_out_hash(str(PREPARED_DIR)), "stage": "train"})
     state.run_id = run.info.run_id
     try:

@@ -6,10 +6,19 @@ subprocesses, with PYTHONPATH pointing at this checkout.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
+import tarfile
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +73,19 @@ class Project:
             raise AssertionError(f"{stage} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def call(self, func):
+        """`func(params)` in this process with the project as the working folder: a stage's work
+        function (fetch, prepare) without the second of interpreter and torch start-up a subprocess
+        costs. PipelineErrors propagate, for the test to read the message run_stage would print."""
+        from pipeline.config import load_params
+
+        old = os.getcwd()
+        os.chdir(self.root)
+        try:
+            return func(load_params("params.yaml"))
+        finally:
+            os.chdir(old)
+
     def path(self, rel: str) -> Path:
         return self.root / rel
 
@@ -108,3 +130,220 @@ def image_folder(tmp_path) -> Path:
     make_images(root, split="train", per_class=20)
     make_images(root, split="test", per_class=6, seed=1)
     return root
+
+
+# -- shared by the data tests (fetch_data, archives, prepare, dvc) --------------------------------
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """{relative path: sha256 of content} of every file under `root` (symlinks as their target), to
+    prove a failed stage left a tree exactly as it was."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            out[rel] = "-> " + os.readlink(path)
+        elif path.is_file():
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def raw_state(project: "Project") -> tuple[dict[str, str], bytes]:
+    """data/raw's tree and data/raw.json's bytes: what a failed fetch_data must leave untouched."""
+    return snapshot(project.path("data/raw")), project.path("data/raw.json").read_bytes()
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temp files or folders (`.<name>.tmp-*`, `.<name>.old-*`) a stage left behind in `folder`."""
+    return sorted(p.name for p in folder.glob(".*") if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def files_of(root: Path, prefix: str = "") -> dict[str, bytes]:
+    """{prefix + relative path: bytes} of the files under `root`, as archive members."""
+    return {prefix + p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_zip(path: Path, members: dict, compression=zipfile.ZIP_DEFLATED) -> Path:
+    """Write a zip of {name or ZipInfo: bytes}."""
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        for name, data in members.items():
+            if isinstance(name, zipfile.ZipInfo):
+                name.compress_type = compression
+            zf.writestr(name, data)
+    return path
+
+
+def write_tar(path: Path, members: dict, mode: str = "w:gz") -> Path:
+    """Write a tar of {name: bytes} or {TarInfo: bytes | None} (None for links and special files)."""
+    with tarfile.open(path, mode) as tf:
+        for name, data in members.items():
+            info = name if isinstance(name, tarfile.TarInfo) else tarfile.TarInfo(name)
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+class LoopbackServer:
+    """A real HTTP server on 127.0.0.1 (a free port), serving each route with a behaviour:
+
+    ok        200 with the body
+    truncated declares a Content-Length larger than the body, sends the body, then closes
+    reset     sends half the body, then resets the connection (RST)
+    stall     sends half the body, then goes silent until the test ends
+    silent    accepts the request and never answers
+    Anything not routed is a 404. `requests` lists the paths asked for, in order.
+    """
+
+    def __init__(self):
+        self.routes: dict[str, tuple[str, bytes]] = {}
+        self.requests: list[str] = []
+        self.release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append(self.path)
+                mode, body = server.routes.get(self.path, ("missing", b""))
+                if mode == "missing":
+                    self.send_error(404, "Not Found")
+                    return
+                if mode == "silent":
+                    server.release.wait(60)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body) + (4096 if mode == "truncated" else 0)))
+                self.end_headers()
+                if mode in ("ok", "truncated"):
+                    self.wfile.write(body)
+                    return
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                if mode == "stall":
+                    server.release.wait(60)
+                elif mode == "reset":
+                    time.sleep(0.2)  # let the client get into the body first
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.rfile.close()  # drop the makefile reference so close() really closes: RST
+                    self.connection.close()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
+
+    def serve(self, path: str, body: bytes = b"", mode: str = "ok") -> str:
+        self.routes[path] = (mode, body)
+        return self.url(path)
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_server():
+    server = LoopbackServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Stage subprocesses cannot reach the internet: every proxied request goes to a closed loopback
+    port, while 127.0.0.1 (the tests' own servers) stays direct."""
+    with socket.socket() as s:  # a port that was free a moment ago, and nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+# -- shared by the evaluate, promotion, predict and MLproject tests --------------------------------
+
+import contextlib as _contextlib  # noqa: E402  (appended section)
+
+# A fast pipeline: builtin digits at 8x8, a narrow TinyVGG, three epochs (seconds on a CPU).
+EVAL_FAST = dict(prepare__image_size=8, train__hidden_units=8, train__epochs=3)
+
+
+def clone_project(src: Project, dest: Path) -> Project:
+    """A copy of `src` (files and MLflow database) at `dest`, to change without touching `src`.
+
+    The copied database still names `src`'s artifact folders (MLflow stores them as absolute paths),
+    so artifacts are shared: clones add to them (new runs get new folders) but never delete any."""
+    dest.mkdir(parents=True, exist_ok=True)
+    db = dest / "mlflow.db"
+    shutil.copy(Path(src.tracking_uri.removeprefix("sqlite:///")), db)
+    root = dest / "project"
+    shutil.copytree(src.root, root, ignore=shutil.ignore_patterns("mlruns"))
+    clone = Project.__new__(Project)
+    clone.root, clone.tracking_uri = root, f"sqlite:///{db}"
+    return clone
+
+
+@pytest.fixture(scope="session")
+def eval_trained(tmp_path_factory, mlflow_template) -> Project:
+    """fetch_data, prepare and train run once (EVAL_FAST); not yet evaluated. Read-only: tests
+    clone_project() it before changing anything."""
+    base = tmp_path_factory.mktemp("eval-trained")
+    shutil.copy(mlflow_template, base / "mlflow.db")
+    (base / "project").mkdir()
+    project = Project(base / "project", base / "mlflow.db")
+    project.set(**EVAL_FAST)
+    for stage in ("fetch_data", "prepare", "train"):
+        project.run(stage)
+    return project
+
+
+@pytest.fixture(scope="session")
+def eval_done(eval_trained, tmp_path_factory) -> Project:
+    """eval_trained plus one evaluate: with no champion yet its model became version 1 @champion.
+    Read-only, like eval_trained."""
+    project = clone_project(eval_trained, tmp_path_factory.mktemp("eval-done"))
+    project.run("evaluate")
+    return project
+
+
+@_contextlib.contextmanager
+def inside_project(project: Project):
+    """Run pipeline code in this process as if in `project`: its folder as the working directory and
+    its MLflow store as the tracking URI. Undoes MLflow's process-wide state afterwards (the URI and
+    experiment it keeps in globals and in os.environ), so other tests see none of it."""
+    import mlflow
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+    from mlflow.tracking import fluent
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+    saved_env = {k: os.environ.get(k) for k in keys}
+    saved = (tracking_utils._tracking_uri, fluent._active_experiment_id, os.getcwd())
+    os.environ["MLFLOW_TRACKING_URI"] = project.tracking_uri
+    for k in keys[1:]:
+        os.environ.pop(k, None)
+    mlflow.set_tracking_uri(project.tracking_uri)
+    os.chdir(project.root)
+    try:
+        yield project
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run("FAILED")
+        os.chdir(saved[2])
+        mlflow.set_tracking_uri(saved[0])
+        fluent._active_experiment_id = saved[1]
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,170 @@
+"""Retraining on data change, `make retrain`, and DVC experiments as MLflow runs, in real temp git +
+DVC repos made from this checkout's tracked files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, make_images
+
+VENV_BIN = Path(sys.executable).parent
+FAST = {  # the whole pipeline in seconds
+    "prepare": {"image_size": 8, "min_images_per_class": 3},
+    "train": {"epochs": 2, "hidden_units": 4, "batch_size": 32, "patience": 2},
+}
+
+
+def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def repo(tmp_path, mlflow_template):
+    """A git + DVC repo holding this checkout's tracked files, with fast params and a local image
+    folder source under data/sources/. Returns (root, env)."""
+    root = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if rel.startswith("tests/") or rel.startswith("dvc.lock"):
+            continue
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, root / rel)
+    for rel in ("pipeline", "params.yaml", "dvc.yaml", "Makefile", ".dvc/config", "data/sources/README.md"):
+        assert (root / rel).exists(), f"{rel} is not tracked in git"
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in FAST.items():
+        params[section].update(values)
+    params["data"]["source"] = "data/sources/images"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    make_images(root / "data/sources/images", per_class=12, size=12)
+    shutil.copy(mlflow_template, root / "mlflow.db")
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(root)
+    env.pop("MLFLOW_TRACKING_URI", None)  # the default: the repo's own sqlite store
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.com"
+    sh(["git", "init", "-q", "-b", "main"], root, env)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "init"], root, env)
+    return root, env
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def commit_all(root: Path, env: dict, message: str) -> None:
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", message], root, env)
+
+
+def test_data_change_reruns_exactly_downstream(repo):
+    root, env = repo
+    first = sh(["dvc", "repro"], root, env)
+    assert ran_stages(first.stdout) == {"fetch_data", "prepare", "train", "evaluate"}
+    commit_all(root, env, "first repro")
+
+    again = sh(["dvc", "repro"], root, env)
+    assert ran_stages(again.stdout) == set(), again.stdout
+    assert "didn't change" in again.stdout
+    assert "up to date" in sh(["dvc", "status"], root, env).stdout.lower()
+
+    # A user adds images to the local source: DVC sees it, and everything downstream re-runs.
+    make_images(root / "data/sources/images", per_class=3, size=12, seed=9,
+                classes=("circle",))  # overwrites 3 files with new content
+    (root / "data/sources/images/square/new_square.png").write_bytes(
+        (root / "data/sources/images/square/square_000.png").read_bytes())
+    status = sh(["dvc", "status"], root, env).stdout
+    assert "fetch_data" in status and "data/sources" in status
+    changed = sh(["dvc", "repro"], root, env)
+    assert ran_stages(changed.stdout) == {"fetch_data", "prepare", "train", "evaluate"}
+    raw = json.loads((root / "data/raw.json").read_text())
+    assert raw["counts"]["all"]["square"] == 13
+
+    # A params change of one stage re-runs that stage and those after it only.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["promote_min_delta"] = 0.5
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    only_eval = sh(["dvc", "repro"], root, env)
+    assert ran_stages(only_eval.stdout) == {"evaluate"}
+
+
+def test_make_retrain_writes_summary(repo):
+    root, env = repo
+    sh(["dvc", "repro"], root, env)
+    commit_all(root, env, "baseline")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["lr"] = 0.01
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    summary_file = root / "gh_summary.md"
+    env = {**env, "GITHUB_STEP_SUMMARY": str(summary_file), "RETRAIN_BASE": "HEAD"}
+    # -o: the venv is this checkout's, already installed; make must not reinstall into it.
+    proc = sh(["make", "-o", f"{VENV_BIN.parent}/.installed", f"VENV={VENV_BIN.parent}", "retrain"], root, env)
+    assert "Running stage 'train'" in proc.stdout
+    text = (root / "reports/retrain_summary.md").read_text()
+    assert text == summary_file.read_text()
+    assert "### Metrics" in text and "### Params" in text and "### Promotion" in text
+    assert "train.lr" in text and "0.003" in text and "0.01" in text  # params diff: old and new
+    # The metrics diff against HEAD lists what moved: at least the new train run's numbers.
+    assert "| reports/train.json" in text and "best_val_loss" in text
+    promotion = json.loads((root / "reports/promotion.json").read_text())
+    assert f"Model version {promotion['new_version']}" in text
+
+
+def _runs(root: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("image-classifier")
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_experiments_and_queued_sweep_are_mlflow_runs(repo):
+    root, env = repo
+    sh(["dvc", "repro"], root, env)
+    commit_all(root, env, "baseline")
+
+    one = sh(["dvc", "exp", "run", "-n", "lr-high", "-S", "train.lr=0.01"], root, env)
+    assert "Running stage 'train'" in one.stdout
+    runs = [r for r in _runs(root) if r.data.tags.get("dvc.exp_name") == "lr-high"]
+    assert len(runs) == 1 and runs[0].data.params["train.lr"] == "0.01"
+    assert runs[0].data.tags["dvc.exp_baseline_rev"]
+    assert runs[0].info.status == "FINISHED" and "test_accuracy" in runs[0].data.metrics
+
+    # Two queued experiments run at once against the default sqlite store: both finish.
+    sh(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.002,0.004"], root, env)
+    start = sh(["dvc", "queue", "start", "-j", "2"], root, {**env, "PIPELINE_SWEEP": "sweep-test"})
+    assert start.returncode == 0
+    sh(["dvc", "queue", "status"], root, env)
+    # `dvc queue start` returns at once; `dvc queue logs` / `exp show` after waiting for the workers.
+    deadline_s = 400
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        status = sh(["dvc", "queue", "status"], root, env).stdout
+        if "Running" not in status and "Queued" not in status:
+            break
+        time.sleep(3)
+    assert "Failed" not in status, status
+    sweep = [r for r in _runs(root) if r.data.tags.get("sweep") == "sweep-test"]
+    assert sorted(r.data.params["train.lr"] for r in sweep) == ["0.002", "0.004"], status
+    assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in sweep)
+    assert len({r.data.tags["dvc.exp_baseline_rev"] for r in sweep}) == 1
+    # Their artifacts live in the project's mlruns/, not in the deleted temp workspaces.
+    for r in sweep:
+        assert r.info.artifact_uri.startswith((root / "mlruns").as_uri())
+    shown = sh(["dvc", "exp", "show", "--no-pager", "--csv"], root, env).stdout
+    assert "0.002" in shown and "0.004" in shown and "accuracy" in shown
