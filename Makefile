@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install repro retrain sweep test bench clean
+.PHONY: install repro retrain sweep server test bench clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,13 @@ sweep: install
 	dvc exp run --queue $(SWEEP)
 	PIPELINE_SWEEP=$(SWEEP_NAME) dvc queue start -j 2
 	dvc queue status
+
+# A tracking server with basic auth (settings from the environment: see pipeline/server.py).
+server: install
+	$(PY) -m pipeline.server
+
+bench: install
+	$(PY) -m pipeline.bench
 
 test: install
 	$(PY) -m pytest -q tests

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import PipelineError
+from pipeline.config import MODEL_NAMES, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ MODELS: dict[str, Spec] = {
     "mobilenet_v3_small": _STAGED,
     "mobilenet_v3_large": _STAGED,
 }
+if tuple(MODELS) != MODEL_NAMES:
+    raise RuntimeError("pipeline.config.MODEL_NAMES must list the keys of MODELS, in order")
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:

@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rows:
         table = pd.DataFrame(rows)
-        print(table.to_string(index=False) if len(rows) > 1 else
+        # The one-line form only when there is nothing else to show: it used to drop the top-k
+        # columns of a single image (`predict img.png --top-k 3` printed only the top class).
+        print(table.to_string(index=False) if len(rows) > 1 or len(table.columns) > 3 else
               f"{rows[0]['file']}: {rows[0]['class']} ({rows[0]['probability']:.4f})")
     for f, reason in errors.items():
         print(f"error: {f}: {reason}", file=sys.stderr)

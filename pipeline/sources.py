@@ -4,8 +4,10 @@ torchvision's ImageFolder layout: `train/<class>/*` (+ `test/<class>/*`) or just
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
+import lzma
 import os
 import shutil
 import stat
@@ -15,6 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 
@@ -170,12 +173,18 @@ def verify_sha256(path: Path, expected: str | None) -> str:
 def extract(archive: Path, out: Path, cfg: Data) -> None:
     """Extract a zip or tar archive into `out`, refusing members that would land outside it, links,
     special files, and archives over the size, member-count or compression-ratio bounds."""
-    if zipfile.is_zipfile(archive):
-        _extract_zip(archive, out, cfg)
-    elif tarfile.is_tarfile(archive):
-        _extract_tar(archive, out, cfg)
-    else:
-        raise FetchError(f"{archive}: not a zip or tar archive")
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, out, cfg)
+        elif tarfile.is_tarfile(archive):
+            _extract_tar(archive, out, cfg)
+        else:
+            raise FetchError(f"{archive}: not a zip or tar archive")
+    # A damaged archive (bad CRC, a header that understates a member's size, a truncated stream) is
+    # the user's to fix, like any other bad source: one line naming the archive, not a traceback.
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error,
+            lzma.LZMAError, gzip.BadGzipFile) as e:
+        raise FetchError(f"{archive}: corrupt or truncated archive: {e}") from None
 
 
 def _member_path(archive: Path, out: Path, name: str) -> Path | None:

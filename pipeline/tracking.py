@@ -6,8 +6,10 @@ MLFLOW_TRACKING_PASSWORD, read by MLflow itself), default the local sqlite:///ml
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import time
 import subprocess
 import urllib.error
 import urllib.request
@@ -18,6 +20,25 @@ import yaml
 from pipeline.config import PipelineError
 
 log = logging.getLogger(__name__)
+
+_spent = [0.0]  # seconds inside MLflow calls in this process: the benchmark's "MLflow share"
+
+
+def _timed(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _spent[0] += time.perf_counter() - start
+
+    return wrapper
+
+
+def seconds_spent() -> float:
+    return _spent[0]
+
 
 REACH_TIMEOUT_S = 5  # a tracking server that does not answer within this fails the stage up front
 SQLITE_BUSY_TIMEOUT_S = 60  # concurrent experiments wait this long for sqlite's write lock
@@ -35,6 +56,7 @@ def tracking_uri() -> str:
             or f"sqlite:///{project_root() / 'mlflow.db'}?timeout={SQLITE_BUSY_TIMEOUT_S}")
 
 
+@_timed
 def configure(experiment: str) -> str:
     """Point MLflow at the tracking URI and experiment; fail fast, naming the URI, when a server is
     unreachable, before any training starts."""
@@ -107,6 +129,7 @@ def dvc_out_hash(path: str, lock: Path = Path("dvc.lock")) -> str:
     return ""
 
 
+@_timed
 def start_run(run_id: str | None, run_name: str | None = None, tags: dict | None = None):
     """Start a new run, or reopen `run_id` (a resumed train, or evaluate completing train's run)."""
     import mlflow
@@ -117,6 +140,7 @@ def start_run(run_id: str | None, run_name: str | None = None, tags: dict | None
     return run
 
 
+@_timed
 def end_run(status: str = "FINISHED") -> None:
     import mlflow
 
@@ -124,24 +148,28 @@ def end_run(status: str = "FINISHED") -> None:
         mlflow.end_run(status=status)
 
 
+@_timed
 def logged_steps(run_id: str, key: str) -> set[int]:
     from mlflow import MlflowClient
 
     return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
 
 
+@_timed
 def log_params(params: dict) -> None:
     import mlflow
 
     mlflow.log_params({k: "null" if v is None else v for k, v in params.items()})
 
 
+@_timed
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
     mlflow.log_metrics(metrics, step=step)
 
 
+@_timed
 def log_dataset(path: Path, name: str, digest: str, context: str) -> None:
     """Record the prepared data as the run's input: its folder, the source's name and a digest."""
     import mlflow
@@ -154,30 +182,35 @@ def log_dataset(path: Path, name: str, digest: str, context: str) -> None:
     mlflow.log_input(ds, context=context)
 
 
+@_timed
 def set_tags(tags: dict) -> None:
     import mlflow
 
     mlflow.set_tags(tags)
 
 
+@_timed
 def log_text(text: str, name: str) -> None:
     import mlflow
 
     mlflow.log_text(text, name)
 
 
+@_timed
 def log_figure(fig, name: str) -> None:
     import mlflow
 
     mlflow.log_figure(fig, name)
 
 
+@_timed
 def log_artifact(path: str | Path, folder: str | None = None) -> None:
     import mlflow
 
     mlflow.log_artifact(str(path), artifact_path=folder)
 
 
+@_timed
 def log_model(model, example, step: int, name: str = "model"):
     """Log the served model (models.Classifier) with its signature and an input example; returns the
     logged model's URI (models:/<model_id>)."""

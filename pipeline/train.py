@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,6 +252,7 @@ def write_outputs(net: nn.Module, config: dict, state: State, summary: dict) -> 
 
 
 def main(params: Params) -> None:
+    started = time.perf_counter()
     cfg = params.train
     rt = resolve_runtime(params.base.device, cfg.precision)
     data = load_data(rt)
@@ -288,6 +290,8 @@ def main(params: Params) -> None:
 
         state, reason = fit(cfg, net, frozen, data, norm, rt, gen, opt, sched, scaler, state, on_epoch)
         summary = _finish(params, net, config, state, reason)
+        summary["stage_seconds"] = time.perf_counter() - started
+        summary["mlflow_seconds"] = tracking.seconds_spent()  # before end_run: a few ms more
         write_outputs(net, config, state, summary)
     except KeyboardInterrupt:
         tracking.end_run("KILLED")

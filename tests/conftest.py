@@ -347,3 +347,63 @@ def inside_project(project: Project):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def image_tree(root: Path, split: bool = True) -> Path:
+    """A small source: train/<class>/* (8 per class) + test/<class>/* (3), or <class>/* (8); 16 px."""
+    if split:
+        make_images(root, split="train", per_class=8, size=16)
+        make_images(root, split="test", per_class=3, size=16, seed=1)
+    else:
+        make_images(root, per_class=8, size=16)
+    return root
+
+
+@pytest.fixture
+def data_project(tmp_path) -> Project:
+    """A Project for the data stages alone (fetch_data, prepare), which never open MLflow: it skips
+    the migrated MLflow store, whose one-off creation costs seconds."""
+    root = tmp_path / "project"
+    root.mkdir()
+    return Project(root, tmp_path / "mlflow.db")
+
+
+@pytest.fixture
+def fetched(data_project) -> Project:
+    """A project whose data/raw came from a good fetch of a local folder under data/sources/ (24
+    images, 3 classes), with data.timeout_s 0.5: the baseline a failing fetch must leave alone."""
+    from pipeline.fetch_data import fetch
+
+    image_tree(data_project.path("data/sources/good"), split=False)
+    data_project.set(data__source="data/sources/good", data__timeout_s=0.5)
+    data_project.call(fetch)
+    assert len(files_of(data_project.path("data/raw"))) == 24
+    return data_project
+
+
+def assert_failed_cleanly(project: Project, proc: subprocess.CompletedProcess, before, *texts: str) -> None:
+    """A stage run exited 1 with one clear error line holding `texts` (no traceback), and left
+    data/raw + data/raw.json as `before` (raw_state) with no temp folders behind."""
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for text in texts:
+        assert text in proc.stderr, f"{text!r} not in:\n{proc.stderr}"
+    assert raw_state(project) == before
+    assert leftovers(project.path("data")) == []
+
+
+def fetch_fails(project: Project, *texts: str) -> str:
+    """fetch raises a PipelineError (what run_stage prints) holding `texts`, and leaves data/raw +
+    data/raw.json exactly as they were, with no temp folders behind. Returns the message."""
+    from pipeline.config import PipelineError
+    from pipeline.fetch_data import fetch
+
+    before = raw_state(project)
+    with pytest.raises(PipelineError) as err:
+        project.call(fetch)
+    message = str(err.value)
+    for text in texts:
+        assert text in message, f"{text!r} not in: {message}"
+    assert raw_state(project) == before
+    assert leftovers(project.path("data")) == []
+    return message

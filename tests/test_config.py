@@ -210,25 +210,25 @@ def test_parse_overrides():
 
 
 @pytest.mark.parametrize("stage", ["fetch_data", "prepare"])
-def test_a_stage_exits_non_zero_naming_the_unknown_key(project, stage):
-    project.set(prepare__imagesize=32)
-    proc = project.run(stage, check=False)
+def test_a_stage_exits_non_zero_naming_the_unknown_key(data_project, stage):
+    data_project.set(prepare__imagesize=32)
+    proc = data_project.run(stage, check=False)
     assert proc.returncode == 1
     assert "prepare.imagesize: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not project.path("data/raw").exists() and not project.path("data/prepared").exists()
+    assert not data_project.path("data/raw").exists() and not data_project.path("data/prepared").exists()
 
 
-def test_a_stage_rejects_a_bad_command_line_override(project):
-    proc = project.run("fetch_data", "--data.timeout_s", "x", check=False)
+def test_a_stage_rejects_a_bad_command_line_override(data_project):
+    proc = data_project.run("fetch_data", "--data.timeout_s", "x", check=False)
     assert proc.returncode == 1
     assert "data.timeout_s: invalid value 'x'" in proc.stderr
-    assert not project.path("data/raw").exists()
+    assert not data_project.path("data/raw").exists()
 
 
-def test_a_stage_lists_the_valid_models(project):
-    project.set(train__model="nope")
-    proc = project.run("fetch_data", check=False)
+def test_a_stage_lists_the_valid_models(data_project):
+    data_project.set(train__model="nope")
+    proc = data_project.run("fetch_data", check=False)
     assert proc.returncode == 1
     assert "train.model: invalid value 'nope'; allowed: one of" in proc.stderr
     assert "tinyvgg" in proc.stderr and "resnet18" in proc.stderr

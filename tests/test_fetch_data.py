@@ -1,7 +1,7 @@
 """Stage fetch_data: every data.source kind, the download cache, and failures that leave data/raw alone.
 
 URL sources are served by a real HTTP server on 127.0.0.1 (conftest.LoopbackServer); nothing here
-reaches beyond the loopback interface. Most cases call the stage's `fetch` in-process (project.call);
+reaches beyond the loopback interface. Most cases call the stage's `fetch` in-process (data_project.call);
 the ones about what a user sees (exit status, the error line, no hang) run `python -m pipeline.fetch_data`.
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, files_of, leftovers, make_images, raw_state, snapshot, write_tar, write_zip
-from pipeline.config import PipelineError
+from conftest import (REPO, assert_failed_cleanly, fetch_fails, files_of, image_tree, make_images, raw_state,
+                      snapshot, write_tar, write_zip)
 from pipeline.fetch_data import fetch
 from pipeline.prepare import prepare
 
@@ -28,72 +28,29 @@ MNIST_CLASSES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
                  "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine"]
 
 
-def image_tree(root: Path, split: bool = True) -> Path:
-    """A small source: train/<class>/* (8 per class) + test/<class>/* (3), or <class>/* (8)."""
-    if split:
-        make_images(root, split="train", per_class=8, size=16)
-        make_images(root, split="test", per_class=3, size=16, seed=1)
-    else:
-        make_images(root, per_class=8, size=16)
-    return root
+def raw_files(data_project) -> dict[str, bytes]:
+    return files_of(data_project.path("data/raw"))
 
 
-def raw_files(project) -> dict[str, bytes]:
-    return files_of(project.path("data/raw"))
-
-
-def raw_json(project) -> dict:
-    return json.loads(project.path("data/raw.json").read_text())
-
-
-@pytest.fixture
-def fetched(project):
-    """A project whose data/raw came from a good fetch (a local folder under data/sources/)."""
-    image_tree(project.path("data/sources/good"), split=False)
-    project.set(data__source="data/sources/good", data__timeout_s=0.5)
-    project.call(fetch)
-    assert len(raw_files(project)) == 24
-    return project
-
-
-def assert_failed_cleanly(project, proc, before, *texts: str) -> None:
-    """Non-zero exit, one clear error line naming what failed, and data/raw + raw.json as before."""
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    for text in texts:
-        assert text in proc.stderr, f"{text!r} not in:\n{proc.stderr}"
-    assert raw_state(project) == before
-    assert leftovers(project.path("data")) == []
-
-
-def fetch_fails(project, *texts: str) -> str:
-    """fetch raises a PipelineError whose message holds `texts`, leaving data/raw + raw.json as before."""
-    before = raw_state(project)
-    with pytest.raises(PipelineError) as err:
-        project.call(fetch)
-    message = str(err.value)
-    for text in texts:
-        assert text in message, f"{text!r} not in: {message}"
-    assert raw_state(project) == before
-    assert leftovers(project.path("data")) == []
-    return message
+def raw_json(data_project) -> dict:
+    return json.loads(data_project.path("data/raw.json").read_text())
 
 
 # -- builtin and local sources --------------------------------------------------------------------
 
 
-def test_builtin_digits(project):
+def test_builtin_digits(data_project):
     from sklearn.datasets import load_digits
 
-    project.set(data__source="builtin:digits")
-    project.call(fetch)
+    data_project.set(data__source="builtin:digits")
+    data_project.call(fetch)
     digits = load_digits()
-    raw = project.path("data/raw")
+    raw = data_project.path("data/raw")
     assert sorted(p.name for p in raw.iterdir()) == [str(d) for d in range(10)]
     counts = {d: len(list((raw / str(d)).glob("*.png"))) for d in range(10)}
     assert sum(counts.values()) == 1797
     assert counts == {d: int(n) for d, n in enumerate(np.bincount(digits.target))}
-    info = raw_json(project)
+    info = raw_json(data_project)
     assert info["layout"] == "classes" and info["images"] == {"all": 1797}
     assert info["counts"]["all"] == {str(d): n for d, n in counts.items()}
     for i in (0, 5, 1796):
@@ -102,12 +59,12 @@ def test_builtin_digits(project):
             np.testing.assert_array_equal(np.asarray(img), (digits.images[i] * 255 / 16).round().astype(np.uint8))
 
 
-def test_local_folder_with_train_test_split(project, caplog):
-    src = image_tree(project.path("data/sources/imgs"))
-    project.set(data__source="data/sources/imgs")
-    project.call(fetch)
-    assert raw_files(project) == files_of(src)  # byte-identical copies, same layout
-    info = raw_json(project)
+def test_local_folder_with_train_test_split(data_project, caplog):
+    src = image_tree(data_project.path("data/sources/imgs"))
+    data_project.set(data__source="data/sources/imgs")
+    data_project.call(fetch)
+    assert raw_files(data_project) == files_of(src)  # byte-identical copies, same layout
+    info = raw_json(data_project)
     assert info["kind"] == "local" and info["layout"] == "train_test"
     assert info["counts"] == {"train": {"circle": 8, "square": 8, "stripes": 8},
                               "test": {"circle": 3, "square": 3, "stripes": 3}}
@@ -115,38 +72,38 @@ def test_local_folder_with_train_test_split(project, caplog):
     assert "outside data/sources" not in caplog.text
 
 
-def test_local_folder_outside_data_sources_warns_that_dvc_cannot_see_it(project, tmp_path, caplog):
+def test_local_folder_outside_data_sources_warns_that_dvc_cannot_see_it(data_project, tmp_path, caplog):
     src = image_tree(tmp_path / "elsewhere", split=False)
-    project.set(data__source=str(src))
-    project.call(fetch)
+    data_project.set(data__source=str(src))
+    data_project.call(fetch)
     assert "outside data/sources" in caplog.text
-    assert raw_files(project) == files_of(src)
+    assert raw_files(data_project) == files_of(src)
 
 
-def test_one_wrapping_folder_is_unwrapped(project):
-    src = project.path("data/sources/wrapped")
+def test_one_wrapping_folder_is_unwrapped(data_project):
+    src = data_project.path("data/sources/wrapped")
     image_tree(src / "pizza_steak_sushi")  # archives often wrap everything in one top folder
-    project.set(data__source="data/sources/wrapped")
-    project.call(fetch)
-    assert raw_files(project) == files_of(src / "pizza_steak_sushi")
-    assert raw_json(project)["layout"] == "train_test"
+    data_project.set(data__source="data/sources/wrapped")
+    data_project.call(fetch)
+    assert raw_files(data_project) == files_of(src / "pizza_steak_sushi")
+    assert raw_json(data_project)["layout"] == "train_test"
 
 
 @pytest.mark.parametrize("fmt", ["zip", "tar.gz", "tar"])
 @pytest.mark.parametrize("split", [True, False], ids=["train_test", "classes"])
-def test_local_archive(project, tmp_path, fmt, split):
+def test_local_archive(data_project, tmp_path, fmt, split):
     src = image_tree(tmp_path / "src", split=split)
     members = files_of(src, prefix="dataset/")
-    archive = project.path(f"data/sources/dataset.{fmt}")
+    archive = data_project.path(f"data/sources/dataset.{fmt}")
     if fmt == "zip":
         write_zip(archive, members)
     else:
         write_tar(archive, members, mode="w:gz" if fmt == "tar.gz" else "w")
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    project.set(data__source=f"data/sources/dataset.{fmt}", data__sha256=digest.upper())  # any case
-    project.call(fetch)
-    assert raw_files(project) == files_of(src)
-    info = raw_json(project)
+    data_project.set(data__source=f"data/sources/dataset.{fmt}", data__sha256=digest.upper())  # any case
+    data_project.call(fetch)
+    assert raw_files(data_project) == files_of(src)
+    info = raw_json(data_project)
     assert info["archive_sha256"] == digest
     assert info["layout"] == ("train_test" if split else "classes")
 
@@ -186,8 +143,8 @@ def test_unusable_local_source(fetched, case):
     fetch_fails(fetched, *texts)
 
 
-def test_hidden_entries_are_not_data(project, tmp_path):
-    src = image_tree(project.path("data/sources/imgs"), split=False)
+def test_hidden_entries_are_not_data(data_project, tmp_path):
+    src = image_tree(data_project.path("data/sources/imgs"), split=False)
     clean = files_of(src)
     litter = {
         ".ipynb_checkpoints/circle_000-checkpoint.png": (src / "circle/circle_000.png").read_bytes(),
@@ -202,92 +159,92 @@ def test_hidden_entries_are_not_data(project, tmp_path):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)
     # The same litter inside an archive: kept out of the class list and the counts.
-    write_zip(project.path("data/sources/imgs.zip"), files_of(src))
+    write_zip(data_project.path("data/sources/imgs.zip"), files_of(src))
 
     for source in ("data/sources/imgs", "data/sources/imgs.zip"):
-        project.set(data__source=source)
-        project.call(fetch)
-        info = raw_json(project)
+        data_project.set(data__source=source)
+        data_project.call(fetch)
+        info = raw_json(data_project)
         assert info["counts"] == {"all": {"circle": 8, "square": 8, "stripes": 8}}, source
-        raw = project.path("data/raw")
+        raw = data_project.path("data/raw")
         assert sorted(p.name for p in raw.iterdir() if not p.name.startswith(".")) == ["circle", "square", "stripes"]
-        visible = {k: v for k, v in raw_files(project).items()
+        visible = {k: v for k, v in raw_files(data_project).items()
                    if not any(part.startswith(".") for part in k.split("/"))}
         assert visible == clean, source
         if source.endswith(".zip"):
             continue
-        assert raw_files(project) == clean  # a local folder's hidden entries are not even copied
+        assert raw_files(data_project) == clean  # a local folder's hidden entries are not even copied
 
 
-def test_symlink_loops_in_a_local_folder_do_not_hang(project):
-    src = image_tree(project.path("data/sources/loopy"), split=False)
+def test_symlink_loops_in_a_local_folder_do_not_hang(data_project):
+    src = image_tree(data_project.path("data/sources/loopy"), split=False)
     clean = files_of(src)
     os.symlink("..", src / "circle" / "up")  # a folder link back to the source root
     os.symlink(".", src / "square" / "here")  # a folder link to itself
     os.symlink("b.png", src / "stripes" / "a.png")  # a -> b -> a: stat fails with ELOOP
     os.symlink("a.png", src / "stripes" / "b.png")
     os.symlink("self.png", src / "stripes" / "self.png")
-    project.set(data__source="data/sources/loopy")
+    data_project.set(data__source="data/sources/loopy")
     start = time.monotonic()
-    project.run("fetch_data", timeout=60)
+    data_project.run("fetch_data", timeout=60)
     assert time.monotonic() - start < 30
-    assert raw_files(project) == clean
-    project.set(prepare__min_images_per_class=2, prepare__image_size=8)
-    project.run("prepare", timeout=60)
+    assert raw_files(data_project) == clean
+    data_project.set(prepare__min_images_per_class=2, prepare__image_size=8)
+    data_project.run("prepare", timeout=60)
 
 
 # -- URL sources ----------------------------------------------------------------------------------
 
 
-def test_url_zip_is_downloaded_once_then_cached(project, http_server, tmp_path):
+def test_url_zip_is_downloaded_once_then_cached(data_project, http_server, tmp_path):
     src = image_tree(tmp_path / "src")
     body = write_zip(tmp_path / "pss.zip", files_of(src, prefix="pizza_steak_sushi/")).read_bytes()
     digest = hashlib.sha256(body).hexdigest()
     url = http_server.serve("/files/pss.zip", body)
-    project.set(data__source=url, data__sha256=digest)
-    project.call(fetch)
+    data_project.set(data__source=url, data__sha256=digest)
+    data_project.call(fetch)
     assert http_server.requests == ["/files/pss.zip"]
-    assert raw_files(project) == files_of(src)
-    info = raw_json(project)
+    assert raw_files(data_project) == files_of(src)
+    info = raw_json(data_project)
     assert info["kind"] == "url" and info["archive_sha256"] == digest and info["layout"] == "train_test"
-    cache = project.path("data/downloads")
+    cache = data_project.path("data/downloads")
     cached = list(cache.iterdir())
     assert len(cached) == 1 and cached[0].read_bytes() == body and cached[0].name.endswith("pss.zip")
-    first = raw_files(project)
+    first = raw_files(data_project)
 
     # Re-runs (with and without data.sha256, and as the real stage) take the archive from the cache:
     # the server sees no second request.
-    project.set(data__sha256=None)
-    project.call(fetch)
-    project.set(data__sha256=digest)
-    proc = project.run("fetch_data")
+    data_project.set(data__sha256=None)
+    data_project.call(fetch)
+    data_project.set(data__sha256=digest)
+    proc = data_project.run("fetch_data")
     assert "using cached" in proc.stderr
     assert http_server.requests == ["/files/pss.zip"]
-    assert raw_files(project) == first
+    assert raw_files(data_project) == first
 
 
-def test_url_tar_gz_without_test_split(project, http_server, tmp_path):
+def test_url_tar_gz_without_test_split(data_project, http_server, tmp_path):
     src = image_tree(tmp_path / "src", split=False)
     body = write_tar(tmp_path / "d.tar.gz", files_of(src)).read_bytes()
-    project.set(data__source=http_server.serve("/d.tar.gz", body))
-    project.call(fetch)
-    assert raw_files(project) == files_of(src)
-    assert raw_json(project)["layout"] == "classes"
+    data_project.set(data__source=http_server.serve("/d.tar.gz", body))
+    data_project.call(fetch)
+    assert raw_files(data_project) == files_of(src)
+    assert raw_json(data_project)["layout"] == "classes"
     assert http_server.requests == ["/d.tar.gz"]
 
 
-def test_cached_archive_that_no_longer_matches_sha256_is_downloaded_again(project, http_server, tmp_path):
+def test_cached_archive_that_no_longer_matches_sha256_is_downloaded_again(data_project, http_server, tmp_path):
     old = write_zip(tmp_path / "old.zip", files_of(image_tree(tmp_path / "old", split=False))).read_bytes()
     new_src = make_images(tmp_path / "new", classes=("cat", "dog"), per_class=4, size=8)
     new = write_zip(tmp_path / "new.zip", files_of(new_src)).read_bytes()
     url = http_server.serve("/d.zip", old)
-    project.set(data__source=url)
-    project.call(fetch)
+    data_project.set(data__source=url)
+    data_project.call(fetch)
     http_server.serve("/d.zip", new)
-    project.set(data__sha256=hashlib.sha256(new).hexdigest())
-    project.call(fetch)
+    data_project.set(data__sha256=hashlib.sha256(new).hexdigest())
+    data_project.call(fetch)
     assert http_server.requests == ["/d.zip", "/d.zip"]
-    assert raw_files(project) == files_of(new_src)
+    assert raw_files(data_project) == files_of(new_src)
 
 
 # (server behaviour, texts the error must contain besides the URL)
@@ -369,23 +326,23 @@ def tiny_mnist(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def test_torchvision_mnist_from_files_already_present(project, tmp_path, offline):
+def test_torchvision_mnist_from_files_already_present(data_project, tmp_path, offline):
     root = tmp_path / "tv"
     data = tiny_mnist(root)
-    project.set(data__source="torchvision:MNIST", data__torchvision_root=str(root))
-    project.call(fetch)
-    info = raw_json(project)
+    data_project.set(data__source="torchvision:MNIST", data__torchvision_root=str(root))
+    data_project.call(fetch)
+    info = raw_json(data_project)
     assert info["layout"] == "train_test"
     assert info["counts"]["train"] == {c: 3 for c in MNIST_CLASSES}
     assert info["counts"]["test"] == {c: 1 for c in MNIST_CLASSES}
-    raw = project.path("data/raw")
+    raw = data_project.path("data/raw")
     for split, (images, labels) in data.items():
         for i in range(len(images)):
             with Image.open(raw / split / MNIST_CLASSES[labels[i]] / f"{i:05d}.png") as img:
                 np.testing.assert_array_equal(np.asarray(img), images[i])
     # The class names (with spaces) go through prepare too; test stays MNIST's own test split.
-    project.set(prepare__min_images_per_class=2, prepare__image_size=28)
-    report = project.call(prepare)
+    data_project.set(prepare__min_images_per_class=2, prepare__image_size=28)
+    report = data_project.call(prepare)
     assert report["classes"] == MNIST_CLASSES
     assert report["images"]["test"] == 10 and report["images"]["train"] + report["images"]["val"] == 30
 
@@ -396,7 +353,7 @@ def test_torchvision_without_files_offline_is_a_clear_error(fetched, tmp_path, o
 
 
 @pytest.mark.skipif(not (SHARED_MNIST / "raw").is_dir(), reason=f"{SHARED_MNIST} absent")
-def test_torchvision_mnist_from_the_shared_files(project, tmp_path, offline):
+def test_torchvision_mnist_from_the_shared_files(data_project, tmp_path, offline):
     """The real MNIST files (the four .gz that torchvision downloads). torchvision extracts them beside
     themselves, so the test links them into a temp root rather than writing into the shared folder."""
     shared_before = snapshot(SHARED_MNIST)
@@ -404,11 +361,11 @@ def test_torchvision_mnist_from_the_shared_files(project, tmp_path, offline):
     (root / "MNIST" / "raw").mkdir(parents=True)
     for f in (SHARED_MNIST / "raw").iterdir():
         os.symlink(f, root / "MNIST" / "raw" / f.name)
-    project.set(data__source="torchvision:MNIST", data__torchvision_root=str(root))
-    project.call(fetch)
-    info = raw_json(project)
+    data_project.set(data__source="torchvision:MNIST", data__torchvision_root=str(root))
+    data_project.call(fetch)
+    info = raw_json(data_project)
     assert info["images"] == {"train": 60000, "test": 10000}
     assert info["counts"]["train"]["1 - one"] == 6742 and info["counts"]["test"]["0 - zero"] == 980
-    with Image.open(project.path("data/raw/train/5 - five/00000.png")) as img:  # MNIST's first image is a 5
+    with Image.open(data_project.path("data/raw/train/5 - five/00000.png")) as img:  # MNIST's first image is a 5
         assert img.size == (28, 28) and img.mode == "L" and np.asarray(img).max() == 255
     assert snapshot(SHARED_MNIST) == shared_before

@@ -1,0 +1,211 @@
+"""Benchmark: `python -m pipeline.bench` (or `make bench`) -> reports/bench.json and a table.
+
+Measured in one run, on the data params.yaml names, in a temp copy of the project (the workspace's
+outputs and MLflow store are left alone):
+
+1. training images/s of the notebook-style loop (torchvision ImageFolder over the image files,
+   decode + Resize + ToTensor every epoch, DataLoader(num_workers=os.cpu_count()), per-batch
+   `.item()`) against this pipeline's engine, same TinyVGG, batch size and images; median of epochs;
+2. wall time of a clean `dvc repro` (prepare included; a download is not: the source archive is
+   fetched once before timing) and the test accuracy it reaches;
+3. wall time of a no-op `dvc repro`;
+4. MLflow's share of the train stage's wall time;
+5. peak RSS of prepare and of train (and prepare's output size);
+6. evaluation images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import PARAMS_FILE, load_params
+from pipeline.engine import evaluate, place, prepare_model, resolve_runtime, train_one_epoch
+from pipeline.io import read_json, write_json
+from pipeline.models import build_model
+from pipeline.train import load_data, make_optimizer
+from pipeline.transforms import eval_transforms, train_transforms
+
+BENCH_JSON = Path("reports/bench.json")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def notebook_loop(image_dir: Path, size: int, channels: int, hidden: int, batch_norm: bool,
+                  batch_size: int, lr: float, epochs: int) -> list[float]:
+    """images/s per epoch of the course's loop: ImageFolder + DataLoader workers + per-batch .item()."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    tf = [transforms.Resize((size, size))]
+    if channels == 1:
+        tf.append(transforms.Grayscale(num_output_channels=1))
+    ds = datasets.ImageFolder(str(image_dir), transform=transforms.Compose(tf + [transforms.ToTensor()]))
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model = build_model("tinyvgg", len(ds.classes), channels, size, hidden_units=hidden,
+                        batch_norm=batch_norm, dropout=0.0)
+    loss_fn, opt = nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters(), lr=lr)
+    rates = []
+    for _ in range(epochs):
+        model.train()
+        start, train_loss, train_acc = time.perf_counter(), 0.0, 0.0
+        for x, y in loader:
+            y_pred = model(x)
+            loss = loss_fn(y_pred, y)
+            train_loss += loss.item()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            train_acc += (torch.argmax(torch.softmax(y_pred, dim=1), dim=1) == y).sum().item() / len(y_pred)
+        rates.append(len(ds) / (time.perf_counter() - start))
+    return rates
+
+
+def pipeline_loop(project: Path, params, epochs: int, precision: str | None = None,
+                  channels_last: bool | None = None) -> tuple[list[float], float]:
+    """images/s per epoch of pipeline.engine on the prepared cache, and evaluation images/s."""
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        rt = resolve_runtime(params.base.device, precision or params.train.precision)
+        if channels_last is not None:
+            rt = type(rt)(rt.device, rt.amp_dtype, channels_last)
+        data = load_data(rt)
+        cfg = params.train
+        torch.manual_seed(0)
+        model = prepare_model(build_model("tinyvgg", data.num_classes, data.meta["channels"],
+                                          data.meta["image_size"], hidden_units=cfg.hidden_units,
+                                          batch_norm=cfg.batch_norm, dropout=cfg.dropout), rt)
+        steps = epochs * -(-len(data.train_x) // cfg.batch_size)
+        opt, sched = make_optimizer(cfg, model, steps, rt)
+        gen = torch.Generator().manual_seed(0)
+        augment = train_transforms(data.meta["mean"], data.meta["std"], cfg.augment, gen)
+        rates = []
+        for _ in range(epochs):
+            model.train()
+            m = train_one_epoch(model, data.train_x, data.train_y, augment, opt, sched, rt.grad_scaler(),
+                                nn.CrossEntropyLoss(), cfg.batch_size, gen, rt, data.num_classes)
+            rates.append(m["images_per_second"])
+        plain = eval_transforms(data.meta["mean"], data.meta["std"])
+        images = place(data.val_x.repeat(max(1, 4096 // len(data.val_x)), 1, 1, 1), rt)
+        labels = data.val_y.repeat(max(1, 4096 // len(data.val_y)))
+        start = time.perf_counter()
+        evaluate(model, images, labels, plain, params.evaluate.batch_size, rt, data.num_classes)
+        return rates, len(images) / (time.perf_counter() - start)
+    finally:
+        os.chdir(cwd)
+
+
+def copy_project(dest: Path) -> None:
+    """The tracked files of this checkout, as a fresh git repo (what a clean clone has)."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if rel.startswith("tests/") or rel == "dvc.lock" or not (ROOT / rel).exists():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    shutil.copy(PARAMS_FILE, dest / "params.yaml")  # the params being benchmarked
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "bench"]):
+        subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)
+
+
+def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one command; fails loudly with its output."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out}")
+    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def repro_figures(project: Path) -> dict:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(project)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # Download excluded: fetch once, then time everything from a clean state but the download cache.
+    subprocess.run([sys.executable, "-m", "pipeline.fetch_data"], cwd=project, env=env, check=True,
+                   capture_output=True)
+    for p in ("data/raw", "data/raw.json", "mlflow.db", "mlruns"):
+        shutil.rmtree(project / p, ignore_errors=True) if (project / p).is_dir() else (project / p).unlink(missing_ok=True)
+    clean, _ = timed(["dvc", "repro"], project, env)
+    noop = statistics.median(timed(["dvc", "repro"], project, env)[0] for _ in range(3))
+    train = read_json(project / "reports/train.json")
+    metrics = read_json(project / "reports/metrics.json")
+    prepared_mib = sum(f.stat().st_size for f in (project / "data/prepared").iterdir()) / 2**20
+    _, prepare_rss = timed([sys.executable, "-m", "pipeline.prepare"], project, env)
+    _, train_rss = timed([sys.executable, "-m", "pipeline.train"], project, env)
+    return {
+        "clean_repro_seconds": round(clean, 2), "test_accuracy": round(metrics["accuracy"], 4),
+        "noop_repro_seconds": round(noop, 3),
+        "train_stage_seconds": round(train["stage_seconds"], 2),
+        "mlflow_seconds": round(train["mlflow_seconds"], 3),
+        "mlflow_share_of_train": round(train["mlflow_seconds"] / train["stage_seconds"], 4),
+        "prepare_peak_rss_mib": round(prepare_rss, 1), "prepared_output_mib": round(prepared_mib, 2),
+        "train_peak_rss_mib": round(train_rss, 1),
+    }
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per loop measurement (median taken)")
+    args = parser.parse_args(argv)
+    params = load_params(PARAMS_FILE)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        project = Path(tmp)
+        copy_project(project)
+        result = {"machine": machine(), "params": {"data.source": params.data.source,
+                                                   "prepare.image_size": params.prepare.image_size,
+                                                   "train.model": params.train.model,
+                                                   "train.hidden_units": params.train.hidden_units,
+                                                   "train.batch_size": params.train.batch_size}}
+        result["repro"] = repro_figures(project)
+        raw = project / "data/raw"
+        image_dir = raw / "train" if (raw / "train").is_dir() else raw
+        cfg = params.train
+        nb = notebook_loop(image_dir, params.prepare.image_size, params.prepare.channels, cfg.hidden_units,
+                           cfg.batch_norm, cfg.batch_size, cfg.lr, args.epochs)
+        pl, eval_rate = pipeline_loop(project, params, args.epochs)
+        result["loop"] = {"notebook_images_per_second": round(statistics.median(nb), 1),
+                          "pipeline_images_per_second": round(statistics.median(pl), 1),
+                          "speedup": round(statistics.median(pl) / statistics.median(nb), 2),
+                          "epochs_measured": args.epochs}
+        result["evaluate_images_per_second"] = round(eval_rate, 1)
+        if torch.cuda.is_available():
+            variants = {}
+            for name, precision, cl in (("fp32", "fp32", False), ("fp32+channels_last", "fp32", True),
+                                        ("amp", "auto", False), ("amp+channels_last", "auto", True)):
+                rates, _ = pipeline_loop(project, params, args.epochs, precision, cl)
+                variants[name] = round(statistics.median(rates), 1)
+            result["cuda_images_per_second"] = variants
+    write_json(BENCH_JSON, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

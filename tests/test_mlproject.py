@@ -1,0 +1,97 @@
+"""MLproject: its entry points, `mlflow run . -e evaluate` end to end, and pipeline.repro's command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from pipeline import repro
+from pipeline.config import PipelineError
+
+STAGES = ("fetch_data", "prepare", "train", "evaluate")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], ["dvc", "repro"]),
+    (["--train.lr", "0.01"], ["dvc", "exp", "run", "-S", "train.lr=0.01"]),
+    (["--train.lr=0.01", "--train.epochs", "5"], ["dvc", "exp", "run", "-S", "train.lr=0.01", "-S", "train.epochs=5"]),
+])
+def test_repro_command(argv, expected):
+    assert repro.command(argv) == expected
+
+
+@pytest.mark.parametrize("argv", [["train.lr", "0.01"], ["--train.lr"], ["--lr", "0.01"]])
+def test_repro_rejects_malformed_overrides(argv, capsys):
+    with pytest.raises(PipelineError):
+        repro.command(argv)
+    assert repro.main(argv) == 2  # before running anything
+    assert "error:" in capsys.readouterr().err
+
+
+def test_mlproject_entry_points():
+    spec = yaml.safe_load((REPO / "MLproject").read_text())
+    entries = spec["entry_points"]
+    assert set(entries) == {"main", *STAGES}
+    assert entries["main"]["command"] == "python -m pipeline.repro"
+    for stage in STAGES:
+        assert entries[stage]["command"] == f"python -m pipeline.{stage}"
+        assert "parameters" not in entries[stage]  # params.yaml holds every default
+
+
+def test_mlflow_run_evaluate_entry_point(eval_trained, tmp_path):
+    """`mlflow run . -e evaluate --env-manager local -P ...` in a git copy of the repo holding what
+    the earlier stages produced: the train run gets its test metrics, and -P reaches the stage."""
+    from mlflow import MlflowClient
+
+    repo = tmp_path / "repo"
+    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    for rel in tracked:
+        if (REPO / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, repo / rel)
+    for rel in ("params.yaml", "data/prepared", "models", "reports"):
+        src, dst = eval_trained.path(rel), repo / rel
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+    for stale in ("metrics.json", "promotion.json", "predictions.csv"):  # the repo's, not this run's
+        (repo / "reports" / stale).unlink(missing_ok=True)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "-C", str(repo), "add", "-A", "-f"], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-q", "-m", "snapshot"], check=True)
+    db = tmp_path / "mlflow.db"
+    shutil.copy(eval_trained.tracking_uri.removeprefix("sqlite:///"), db)
+    uri = f"sqlite:///{db}"
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "PYTHONPATH"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = uri
+    proc = subprocess.run(["mlflow", "run", ".", "-e", "evaluate", "--env-manager", "local",
+                           "-P", "evaluate.promote_min_delta=0.25"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    promotion = json.loads((repo / "reports/promotion.json").read_text())
+    assert promotion["min_delta"] == 0.25  # the -P override reached the stage
+    train = json.loads((repo / "reports/train.json").read_text())
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(train["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert client.get_model_version_by_alias("image-classifier", "champion").run_id == train["run_id"]
+    # the train run before this had no test metrics: they came from this evaluate
+    before = MlflowClient(tracking_uri=eval_trained.tracking_uri).get_run(train["run_id"])
+    assert "test_accuracy" not in before.data.metrics
