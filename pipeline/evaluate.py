@@ -89,7 +89,7 @@ def champion_score(name: str, metric: str, test_hash: str, test: Split, classes:
     if version is None:
         return None, None, "none"
     tags = version.tags or {}
-    if f"test_{metric}" in tags:
+    if tags.get("test_data_hash") == test_hash and f"test_{metric}" in tags:
         return version, float(tags[f"test_{metric}"]), "recorded on the same test data"
     model = tracking.load_model(f"models:/{name}/{version.version}")
     if list(getattr(model, "classes", [])) != classes or model.image_size != test.images.shape[-1] \
@@ -168,9 +168,9 @@ def main(params: Params) -> None:
         # Everything is computed and written before the alias moves: a failure above leaves it.
         write_json(METRICS_JSON, {k: v for k, v in metrics.items() if k != "confusion_matrix"})
         write_predictions(PREDICTIONS_CSV, test, probs, classes)
+        write_json(PROMOTION_JSON, decision)
         if promote:
             tracking.set_champion(params.mlflow.registered_model, version.version)
-        write_json(PROMOTION_JSON, decision)
     except KeyboardInterrupt:
         tracking.end_run("KILLED")
         raise

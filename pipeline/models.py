@@ -86,6 +86,10 @@ def _vgg_blocks(m: nn.Module) -> list[nn.Module]:
 
 _VGG = Spec("features.0", "classifier.6", _vgg_blocks, 32)
 _STAGED = Spec("features.0.0", "classifier.-1", lambda m: list(m.features), 32)
+# Fix: MobileNetV3's classifier has a hidden Linear before the head. Outside every block, it was
+# frozen by `head` but trained by `last_n` whatever unfreeze_last said (last_n=1 trained the last
+# feature block + hidden Linear + head). Like VGG's hidden FC layers it is now the last block.
+_MOBILENET = Spec("features.0.0", "classifier.-1", lambda m: list(m.features) + [m.classifier[:-1]], 32)
 
 MODELS: dict[str, Spec] = {
     "tinyvgg": Spec("features.0.0", "classifier.2", lambda m: list(m.features), 4),
@@ -95,8 +99,8 @@ MODELS: dict[str, Spec] = {
     "resnet18": Spec("conv1", "fc", lambda m: [nn.ModuleList([m.conv1, m.bn1]), m.layer1, m.layer2,
                                                m.layer3, m.layer4], 32),
     "efficientnet_b0": _STAGED,
-    "mobilenet_v3_small": _STAGED,
-    "mobilenet_v3_large": _STAGED,
+    "mobilenet_v3_small": _MOBILENET,
+    "mobilenet_v3_large": _MOBILENET,
 }
 if tuple(MODELS) != MODEL_NAMES:
     raise RuntimeError("pipeline.config.MODEL_NAMES must list the keys of MODELS, in order")

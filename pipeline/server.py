@@ -10,6 +10,7 @@ Settings come from the environment (nothing is a secret in the repo):
 | MLFLOW_ARTIFACTS_DESTINATION | ./mlartifacts (or s3://bucket/path, gs://…) |
 | MLFLOW_AUTH_DB_URI | sqlite:///mlflow-auth.db (the users and permissions) |
 | MLFLOW_ALLOWED_HOSTS | localhost,127.0.0.1,<host>:<port> |
+| MLFLOW_FLASK_SERVER_SECRET_KEY | random per start (set it when running several replicas) |
 | MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD | required: the admin account created on first start |
 
 Clients (the stages, `mlflow ui` users) reach it with MLFLOW_TRACKING_URI=http://<host>:<port> and
@@ -19,6 +20,7 @@ the same MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD variables.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import tempfile
 
@@ -48,6 +50,8 @@ def server_command(env: dict[str, str]) -> tuple[list[str], dict[str, str], str]
             "--serve-artifacts", "--allowed-hosts", allowed]
     # The admin password reaches MLflow through its own variable, never a file or the command line.
     child_env = {**env, "MLFLOW_AUTH_ADMIN_PASSWORD": password}
+    # CSRF key of the auth app's forms: set it to share one across server replicas; else per start.
+    child_env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
     return argv, child_env, auth_ini
 
 

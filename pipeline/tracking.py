@@ -274,10 +274,11 @@ def register(model_uri: str, name: str, run_id: str):
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name)
+    model_id = model_uri.removeprefix("models:/")  # an MLflow 3 logged model: models:/m-<id>
     for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        if version.source == model_uri:
+        if version.source == model_uri or getattr(version, "model_id", None) == model_id:
             return version
-    return client.create_model_version(name, model_uri, run_id=run_id)
+    return client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id)
 
 
 def champion(name: str):

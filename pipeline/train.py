@@ -99,6 +99,11 @@ def load_data(rt: Runtime, folder: Path = PREPARED_DIR) -> Splits:
 def build(cfg: Train, meta: dict) -> tuple[nn.Module, list[nn.Module], dict]:
     """The network, its frozen parts, and the config that rebuilds it (saved with the weights)."""
     pretrained, norm = resolve_weights(cfg.model, cfg.weights)
+    if norm and len(norm["mean"]) != meta["channels"]:
+        # Fix: ImageNet (or a warm-start model's) statistics are per RGB channel. Used as they are on
+        # greyscale data, (x - mean) / std broadcast 1 channel to 3 and the first conv (adapted to 1
+        # channel by build_model) failed at the first batch. One channel gets the channels' average.
+        norm = {k: [sum(v) / len(v)] * meta["channels"] for k, v in norm.items()}
     config = {"model": cfg.model, "num_classes": len(meta["classes"]), "channels": meta["channels"],
               "image_size": meta["image_size"], "hidden_units": cfg.hidden_units,
               "batch_norm": cfg.batch_norm, "dropout": cfg.dropout, "classes": meta["classes"],
@@ -254,6 +259,7 @@ def write_outputs(net: nn.Module, config: dict, state: State, summary: dict) -> 
 def main(params: Params) -> None:
     started = time.perf_counter()
     cfg = params.train
+    tracking.configure(params.mlflow.experiment)  # an unreachable server fails here, before any work
     rt = resolve_runtime(params.base.device, cfg.precision)
     data = load_data(rt)
     torch.manual_seed(params.base.seed)  # model initialisation and dropout
@@ -267,7 +273,6 @@ def main(params: Params) -> None:
     opt, sched = make_optimizer(cfg, net, steps, rt)
     scaler = rt.grad_scaler()
 
-    tracking.configure(params.mlflow.experiment)
     fp = fingerprint(params, data.meta, rt)
     ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME
     ckpt = load_checkpoint(ckpt_path, fp)

@@ -235,7 +235,7 @@ class LoopbackServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def url(self, path: str) -> str:
@@ -407,3 +407,71 @@ def fetch_fails(project: Project, *texts: str) -> str:
     assert raw_state(project) == before
     assert leftovers(project.path("data")) == []
     return message
+
+
+# -- shared by the train tests (test_train.py, test_resume.py) -------------------------------------
+
+# A fast train stage with every source of randomness on (all three augmentations, dropout, onecycle
+# schedule): 72 learnable images of 3 classes prepared at 12 px, a narrow TinyVGG, 6 epochs, no early
+# stopping. Runs in seconds on a CPU; most of them is interpreter start-up and MLflow.
+TRAIN_FAST = dict(prepare__image_size=12, train__hidden_units=8, train__dropout=0.1, train__epochs=6,
+                  train__batch_size=16, train__augment=["flip", "crop", "trivialaugment"],
+                  train__patience=100)
+
+
+def noise_images(root: Path, classes=("a", "b", "c"), per_class: int = 16, size: int = 12, seed: int = 0) -> Path:
+    """Random-pixel images in class folders: nothing to learn, so a model that memorises the train
+    split only gets worse on val (val_loss stops improving within a few epochs)."""
+    rng = np.random.default_rng(seed)
+    for cls in classes:
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / cls / f"{i:03d}.png")
+    return root
+
+
+def prepared_project(base: Path, mlflow_template: Path, make_source, **params) -> Project:
+    """A Project at `base`/project with its own MLflow store, `make_source(folder)` as data.source
+    (under data/sources/src), `params` set, and fetch_data + prepare already run (in this process)."""
+    from pipeline.fetch_data import fetch
+    from pipeline.prepare import prepare
+
+    base.mkdir(parents=True, exist_ok=True)
+    shutil.copy(mlflow_template, base / "mlflow.db")
+    (base / "project").mkdir()
+    project = Project(base / "project", base / "mlflow.db")
+    make_source(project.path("data/sources/src"))
+    project.set(data__source="data/sources/src", **params)
+    project.call(fetch)
+    project.call(prepare)
+    return project
+
+
+def copy_prepared(src: Project, base: Path, mlflow_template: Path, **params) -> Project:
+    """A fresh Project at `base`/project (own, empty MLflow store) with `src`'s params.yaml and
+    data/prepared, plus `params`: ready to train without fetching or preparing again."""
+    base.mkdir(parents=True, exist_ok=True)
+    shutil.copy(mlflow_template, base / "mlflow.db")
+    (base / "project").mkdir()
+    project = Project(base / "project", base / "mlflow.db")
+    shutil.copy(src.path("params.yaml"), project.path("params.yaml"))
+    shutil.copytree(src.path("data/prepared"), project.path("data/prepared"))
+    if params:
+        project.set(**params)
+    return project
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory, mlflow_template) -> Project:
+    """Prepared TRAIN_FAST data (not trained). Read-only: tests copy_prepared() it."""
+    return prepared_project(tmp_path_factory.mktemp("train-data"), mlflow_template,
+                            lambda folder: make_images(folder, per_class=24, size=16), **TRAIN_FAST)
+
+
+@pytest.fixture(scope="session")
+def train_reference(train_data, tmp_path_factory, mlflow_template) -> Project:
+    """One uninterrupted train run on train_data with TRAIN_FAST: what reproduced and resumed runs
+    must equal, and whose MLflow run the tracking tests read. Read-only."""
+    project = copy_prepared(train_data, tmp_path_factory.mktemp("train-reference"), mlflow_template)
+    project.run("train")
+    return project

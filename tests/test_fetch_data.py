@@ -1,7 +1,7 @@
 """Stage fetch_data: every data.source kind, the download cache, and failures that leave data/raw alone.
 
 URL sources are served by a real HTTP server on 127.0.0.1 (conftest.LoopbackServer); nothing here
-reaches beyond the loopback interface. Most cases call the stage's `fetch` in-process (data_project.call);
+reaches beyond the loopback interface. Most cases call the stage's `fetch` in-process (Project.call);
 the ones about what a user sees (exit status, the error line, no hang) run `python -m pipeline.fetch_data`.
 """
 
@@ -28,12 +28,12 @@ MNIST_CLASSES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
                  "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine"]
 
 
-def raw_files(data_project) -> dict[str, bytes]:
-    return files_of(data_project.path("data/raw"))
+def raw_files(project) -> dict[str, bytes]:
+    return files_of(project.path("data/raw"))
 
 
-def raw_json(data_project) -> dict:
-    return json.loads(data_project.path("data/raw.json").read_text())
+def raw_json(project) -> dict:
+    return json.loads(project.path("data/raw.json").read_text())
 
 
 # -- builtin and local sources --------------------------------------------------------------------

@@ -85,8 +85,8 @@ def corner_jpeg(path: Path, orientation: int | None) -> None:
 
 def quadrants(arr: np.ndarray) -> list[int]:
     """Mean of (top-left, top-right, bottom-left, bottom-right) over all channels."""
-    h = S // 2
-    return [int(arr[:, :h, :h].mean()), int(arr[:, :h, h:].mean()), int(arr[:, h:, :h].mean()), int(arr[:, h:, h:].mean())]
+    halves = (slice(0, S // 2), slice(S // 2, S))
+    return [int(arr[:, rows, cols].mean()) for rows in halves for cols in halves]
 
 
 def check_rgba(a):  # a: (3, S, S)
@@ -133,7 +133,8 @@ SPECIAL = {
                                          "<body><h1>Not Found</h1></body></html>\n"),
                   ("quarantine", ["an HTML page, not an image"])),
     "corrupt.png": (corrupt_png, ("quarantine", ["corrupt or truncated image"])),
-    "junk.png": (lambda p: p.write_bytes(b"\xff\xfe" + _noise(510).tobytes()), ("quarantine", ["not a recognised image"])),
+    "junk.png": (lambda p: p.write_bytes(b"\xff\xfe" + _noise(510).tobytes()),  # \xff is never UTF-8
+                 ("quarantine", ["not a recognised image"])),
     # 1e8 pixels of a 1-bit PNG: ~12 kB on disk, over PIL's (and params.yaml's) 89478485 limit
     "bomb.png": (lambda p: Image.new("1", (10000, 10000)).save(p), ("quarantine", ["decompression bomb",
                                                                                   "100000000 pixels"])),
@@ -309,6 +310,17 @@ def test_bad_and_odd_files(data_project):
     circle = sum(out["report"]["counts"][s]["circle"] for s in SPLITS)
     assert circle == 6 + len(CONVERTED)
     assert not any(f"circle/{n}" in rows for n in QUARANTINED)
+
+
+def test_max_image_pixels_is_the_stage_limit(data_project):
+    def build(src):
+        make_images(src, per_class=6, size=S)  # 256 pixels each
+        Image.new("L", (40, 40), 9).save(src / "circle" / "big.png")  # 1600 pixels: under PIL's own limit
+
+    fetch_source(data_project, build, prepare__max_image_pixels=1000)
+    report = data_project.call(prepare)
+    assert [q["file"] for q in report["quarantined"]] == ["circle/big.png"]
+    assert report["quarantined"][0]["reason"].startswith("decompression bomb: Image size (1600 pixels)")
 
 
 def test_hidden_folders_in_raw_are_ignored(data_project):

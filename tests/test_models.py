@@ -1,0 +1,284 @@
+"""The model registry (pipeline/models.py): every architecture builds and runs for any class count,
+1 or 3 channels and small images; finetune modes really freeze; pretrained weights load offline."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from conftest import REPO
+from pipeline.config import PipelineError, load_params
+from pipeline.engine import resolve_runtime, train_one_epoch
+from pipeline.models import MODELS, MinSize, apply_finetune, build_model, resolve_weights, set_train_mode, unwrap
+from pipeline.train import build, make_optimizer
+from pipeline.transforms import eval_transforms
+
+ALL_MODELS = ["tinyvgg", "vgg11_bn", "vgg16", "vgg16_bn", "resnet18", "efficientnet_b0",
+              "mobilenet_v3_small", "mobilenet_v3_large"]
+BIG = {"vgg11_bn", "vgg16", "vgg16_bn"}  # 130M+ parameters: batch of 2
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def test_the_registry_is_the_documented_list():
+    # params.yaml documents these names; a model added or dropped must be added to these tests too.
+    assert sorted(MODELS) == sorted(ALL_MODELS)
+
+
+def small(name: str, num_classes: int, channels: int, size: int, **kw) -> nn.Module:
+    return build_model(name, num_classes, channels, size, hidden_units=8, batch_norm=True, dropout=0.0, **kw)
+
+
+# -- forward pass ---------------------------------------------------------------------------------
+
+# 16 px (upsampled by MinSize for the torchvision models) and 32 px, 1 and 3 channels
+CASES = [(name, size, channels) for name in ALL_MODELS
+         for size, channels in ([(16, 1), (16, 3), (32, 1), (32, 3)] if name == "tinyvgg" else [(16, 1), (32, 3)])]
+
+
+@pytest.mark.parametrize("name,size,channels", CASES)
+def test_forward_pass_gives_one_row_of_class_scores_per_image(name, size, channels):
+    torch.manual_seed(0)
+    net = small(name, 7, channels, size).eval()
+    n = 2 if name in BIG else 3
+    with torch.no_grad():
+        out = net(torch.rand(n, channels, size, size))
+    assert out.shape == (n, 7)
+    assert torch.isfinite(out).all()
+    # the architecture's stride needs >= 32 px: smaller inputs are upsampled by a MinSize wrapper
+    assert isinstance(net, MinSize) == (name != "tinyvgg" and size < 32)
+    # the first conv really takes `channels` (not a 3-channel conv fed a broadcast image)
+    first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == channels
+
+
+def test_unknown_model_is_an_error_listing_the_choices():
+    with pytest.raises(PipelineError) as err:
+        small("resnet50", 3, 3, 32)
+    message = str(err.value)
+    assert "resnet50" in message
+    for name in ALL_MODELS:
+        assert name in message
+
+
+# -- finetune: what is frozen stays frozen --------------------------------------------------------
+
+# Trainable parameter names (of the unwrapped network) per finetune mode, written out by hand.
+TRAINABLE = {
+    ("tinyvgg", "head"): r"classifier\.2\.",
+    ("tinyvgg", "last_n"): r"(features\.1\.|classifier\.2\.)",  # the 2nd conv block + the head
+    ("mobilenet_v3_small", "head"): r"classifier\.3\.",
+    # last block: the classifier's hidden Linear (as VGG's hidden FC layers are its last block)
+    ("mobilenet_v3_small", "last_n"): r"classifier\.(0|3)\.",
+    ("resnet18", "head"): r"fc\.",
+    ("resnet18", "last_n"): r"(layer4\.|fc\.)",
+}
+
+
+def bn_stats(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items() if "running_" in k}
+
+
+def one_epoch(name: str, finetune: str, seed: int = 0):
+    """Build `name` for 3 classes at 16 px RGB, apply `finetune` (unfreeze_last=1), and run one
+    epoch of AdamW (weight decay on) on random data. Returns (net, frozen, before, optimizer)."""
+    torch.manual_seed(seed)
+    net = small(name, 3, 3, 16)
+    frozen = apply_finetune(net, name, finetune, 1)
+    cfg = load_params(REPO / "params.yaml", {"train.model": name, "train.finetune": finetune,
+                                             "train.optimizer": "adamw", "train.lr": "0.01",
+                                             "train.weight_decay": "0.1", "train.scheduler": "none"}).train
+    rt = resolve_runtime("cpu", "fp32")
+    opt, sched = make_optimizer(cfg, net, 3, rt)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    set_train_mode(net, frozen)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (16,), generator=g)
+    train_one_epoch(net, images, labels, eval_transforms([0.5] * 3, [0.25] * 3), opt, sched, rt.grad_scaler(),
+                    nn.CrossEntropyLoss(), 8, g, rt, 3)
+    return net, frozen, before, opt
+
+
+@pytest.mark.parametrize("finetune", ["head", "last_n"])
+@pytest.mark.parametrize("name", ["tinyvgg", "mobilenet_v3_small", "resnet18"])
+def test_finetune_trains_only_what_it_says(name, finetune):
+    torch.manual_seed(0)
+    net = small(name, 3, 3, 16)
+    apply_finetune(net, name, finetune, 1)
+    trainable = {n for n, p in unwrap(net).named_parameters() if p.requires_grad}
+    expected = {n for n, _ in unwrap(net).named_parameters() if re.match(TRAINABLE[name, finetune], n)}
+    assert expected and trainable == expected
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_parameter_is_in_a_block_or_the_head(name):
+    # Otherwise `last_n` trains it whatever unfreeze_last says while `head` freezes it.
+    net = unwrap(small(name, 3, 1, 16))
+    spec = MODELS[name]
+    head = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]  # the final Linear, 3 outputs
+    assert head.out_features == 3
+    covered = {id(p) for block in spec.blocks(net) for p in block.parameters()}
+    covered |= {id(p) for p in head.parameters()}
+    assert [n for n, p in net.named_parameters() if id(p) not in covered] == []
+    # and last_n with unfreeze_last=1 trains exactly the last block and the head
+    apply_finetune(net, name, "last_n", 1)
+    last = {id(p) for p in spec.blocks(net)[-1].parameters()} | {id(p) for p in head.parameters()}
+    assert {id(p) for p in net.parameters() if p.requires_grad} == last
+
+
+@pytest.mark.parametrize("finetune", ["head", "last_n"])
+@pytest.mark.parametrize("name", ["tinyvgg", "mobilenet_v3_small"])
+def test_frozen_weights_and_bn_statistics_do_not_move_in_training(name, finetune):
+    net, frozen, before, opt = one_epoch(name, finetune)
+    core = unwrap(net)
+    prefix = "net." if isinstance(net, MinSize) else ""
+    trainable = {prefix + n for n, p in core.named_parameters() if p.requires_grad}
+    assert trainable
+
+    # frozen BN layers stayed in eval mode during the epoch; the rest of the net trained
+    frozen_bn = [m for block in frozen for m in block.modules() if isinstance(m, _BatchNorm)]
+    assert frozen_bn and not any(m.training for m in frozen_bn)
+    assert net.training
+
+    after = net.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    # every trainable parameter moved; nothing else did (frozen weights bit-identical, frozen BN
+    # running statistics and batch counters unchanged)
+    in_frozen = {id(m) for block in frozen for m in block.modules()}
+    live_bn = [n for n, m in core.named_modules() if isinstance(m, _BatchNorm) and id(m) not in in_frozen]
+    live_buffers = {f"{prefix}{n}.{b}" for n in live_bn for b in ("running_mean", "running_var", "num_batches_tracked")}
+    assert moved == trainable | live_buffers
+
+    # the optimizer holds only trainable parameters, and state only for them
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in net.parameters() if p.requires_grad}
+    assert {id(p) for p in opt.state} == in_opt
+
+
+@pytest.mark.parametrize("name", ["tinyvgg", "mobilenet_v3_small"])
+def test_full_finetune_moves_every_bn_statistic(name):
+    # The control for the test above: the same epoch without freezing moves all BN statistics, so
+    # "unchanged" there is the freezing's doing, not data too weak to move them.
+    net, frozen, before, _ = one_epoch(name, "full")
+    assert frozen == []
+    after = net.state_dict()
+    stats = [k for k in before if "running_mean" in k]
+    assert stats and all(not torch.equal(before[k], after[k]) for k in stats)
+
+
+# -- pretrained weights, offline ------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch, offline) -> str:
+    """An empty TORCH_HOME (the hub cache is $TORCH_HOME/hub/checkpoints) and no internet."""
+    home = tmp_path / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return str(home)
+
+
+def cache_file(torch_home: str, name: str, weights: str = "DEFAULT") -> str:
+    enum = torchvision.models.get_model_weights(name)
+    w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    return os.path.join(torch_home, "hub", "checkpoints", os.path.basename(w.url))
+
+
+def random_donor(name: str, seed: int = 123) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return torchvision.models.get_model(name, weights=None).state_dict()
+
+
+@pytest.mark.parametrize("weights", ["DEFAULT", "IMAGENET1K_V1"])
+def test_torchvision_weights_come_from_the_hub_cache_as_they_are(torch_home, weights):
+    path = cache_file(torch_home, "mobilenet_v3_small", weights)
+    donor = random_donor("mobilenet_v3_small")
+    os.makedirs(os.path.dirname(path))
+    torch.save(donor, path)
+    # The file name carries the sha256 prefix torchvision publishes; ours is random weights and does
+    # not match it. check_hash=True checks only what it downloads: a cached file is used as it is.
+    prefix = re.search(r"-([a-f0-9]+)\.pth$", path).group(1)
+    with open(path, "rb") as f:
+        assert not hashlib.sha256(f.read()).hexdigest().startswith(prefix)
+
+    state, norm = resolve_weights("mobilenet_v3_small", weights)
+    assert state.keys() == donor.keys()
+    assert all(torch.equal(state[k], donor[k]) for k in donor)
+    assert norm["mean"] == pytest.approx(IMAGENET["mean"]) and norm["std"] == pytest.approx(IMAGENET["std"])
+
+    # built for 1 channel and 4 classes: features loaded, first conv = sum over RGB, new classifier
+    net = unwrap(small("mobilenet_v3_small", 4, 1, 32, pretrained=state))
+    own = net.state_dict()
+    assert torch.equal(own["features.1.block.0.0.weight"], donor["features.1.block.0.0.weight"])
+    assert torch.equal(own["classifier.0.weight"], donor["classifier.0.weight"])
+    assert torch.allclose(own["features.0.0.weight"], donor["features.0.0.weight"].sum(1, keepdim=True))
+    assert own["classifier.3.weight"].shape == (4, 1024)
+
+
+def test_default_weights_missing_offline_name_the_cache_file(torch_home):
+    path = cache_file(torch_home, "mobilenet_v3_small")
+    with pytest.raises(PipelineError) as err:
+        resolve_weights("mobilenet_v3_small", "DEFAULT")
+    assert path in str(err.value)
+    assert not os.path.exists(path)  # no partial download left as if it were the weights
+
+
+def test_pretrained_normalisation_fits_greyscale_data(torch_home):
+    # DEFAULT weights on 1-channel data (prepare.channels: 1, the default): ImageNet's per-RGB mean
+    # and std must become one channel's, or (x - mean) / std broadcasts images to 3 channels and
+    # the first batch fails in the 1-channel first conv.
+    path = cache_file(torch_home, "mobilenet_v3_small")
+    os.makedirs(os.path.dirname(path))
+    torch.save(random_donor("mobilenet_v3_small"), path)
+    cfg = load_params(REPO / "params.yaml", {"train.model": "mobilenet_v3_small", "train.weights": "DEFAULT",
+                                             "train.finetune": "head"}).train
+    meta = {"classes": ["a", "b"], "channels": 1, "image_size": 16, "mean": [0.3], "std": [0.2]}
+    net, frozen, config = build(cfg, meta)
+    assert config["mean"] == pytest.approx([sum(IMAGENET["mean"]) / 3])
+    assert config["std"] == pytest.approx([sum(IMAGENET["std"]) / 3])
+    x = eval_transforms(config["mean"], config["std"])(torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8))
+    assert x.shape == (2, 1, 16, 16)
+    with torch.no_grad():
+        assert net.eval()(x).shape == (2, 2)
+
+
+def test_weights_names_are_checked(torch_home):
+    with pytest.raises(PipelineError, match="IMAGENET1K_V1"):  # lists the valid names
+        resolve_weights("mobilenet_v3_small", "IMAGENET9K_V9")
+    with pytest.raises(PipelineError, match="tinyvgg has no torchvision weights"):
+        resolve_weights("tinyvgg", "DEFAULT")
+
+
+def test_weights_from_a_local_state_dict(tmp_path):
+    torch.manual_seed(1)
+    donor = small("tinyvgg", 5, 3, 16)
+    plain = tmp_path / "weights.pt"
+    torch.save(donor.state_dict(), plain)
+    state, norm = resolve_weights("tinyvgg", str(plain))
+    assert norm is None  # prepare's statistics are used
+    torch.manual_seed(2)
+    net = small("tinyvgg", 3, 3, 16, pretrained=state)  # 3 classes: the 5-class classifier is dropped
+    own, theirs = net.state_dict(), donor.state_dict()
+    for k in theirs:
+        if k.startswith("features."):
+            assert torch.equal(own[k], theirs[k]), k
+    assert own["classifier.2.weight"].shape == (3, 8 * 4 * 4)
+
+    # a models/model.pt of this pipeline: its state dict and its normalisation
+    model_pt = tmp_path / "model.pt"
+    torch.save({"state_dict": donor.state_dict(), "config": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}},
+               model_pt)
+    state, norm = resolve_weights("tinyvgg", str(model_pt))
+    assert norm == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    assert all(torch.equal(state[k], theirs[k]) for k in theirs)
+
+    with pytest.raises(PipelineError, match="no such file"):
+        resolve_weights("tinyvgg", str(tmp_path / "missing.pt"))
+    with pytest.raises(PipelineError, match="does not fit"):  # tinyvgg weights for a resnet18
+        small("resnet18", 3, 3, 32, pretrained=state)

@@ -1,0 +1,129 @@
+"""The pipeline against a real `mlflow server` with basic auth (started by `make server`'s module) on a
+free loopback port: runs, artifacts, model versions and the alias land there; anonymous requests are
+refused; a server that is down fails a stage fast, before training."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import REPO
+
+USER, PASSWORD = "ci-admin", "s3cret-for-tests"
+FAST = dict(prepare__image_size=8, prepare__min_images_per_class=3, train__epochs=2, train__hidden_units=4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A tracking server process; yields its URL and stops it afterwards."""
+    home = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_SERVER_PORT": str(port),
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{home / 'server.db'}",
+           "MLFLOW_ARTIFACTS_DESTINATION": str(home / "artifacts"),
+           "MLFLOW_AUTH_DB_URI": f"sqlite:///{home / 'auth.db'}",
+           "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.server"], cwd=home, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {(home / 'server.log').read_text()}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).close()
+            break
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise AssertionError(f"server did not start: {(home / 'server.log').read_text()}")
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+    log.close()
+
+
+def _get(url: str, auth: bool) -> int:
+    req = urllib.request.Request(url + "/api/2.0/mlflow/experiments/search?max_results=10")
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_server_refuses_anonymous_requests(server):
+    assert _get(server, auth=False) == 401
+    assert _get(server, auth=True) == 200
+
+
+def test_server_command_needs_credentials():
+    from pipeline.server import server_command
+
+    with pytest.raises(SystemExit, match="MLFLOW_TRACKING_PASSWORD"):
+        server_command({"MLFLOW_TRACKING_USERNAME": "admin"})
+    secret = "pw-Zq81x"
+    argv, env, ini = server_command({"MLFLOW_TRACKING_USERNAME": "a", "MLFLOW_TRACKING_PASSWORD": secret})
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"  # loopback unless told otherwise
+    assert "--allowed-hosts" in argv and "--artifacts-destination" in argv
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == secret and secret not in ini and secret not in " ".join(argv)
+
+
+def test_train_and_evaluate_against_server(server, project, monkeypatch):
+    project.set(**FAST)
+    project.run("fetch_data")
+    project.run("prepare")
+    project.tracking_uri = server
+    env = {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    project.run("train")
+    project.run("evaluate")
+    train = json.loads(project.path("reports/train.json").read_text())
+    promotion = json.loads(project.path("reports/promotion.json").read_text())
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=server)
+    run = client.get_run(train["run_id"])
+    assert run.info.status == "FINISHED"
+    assert "test_accuracy" in run.data.metrics and "val_loss" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(train["run_id"])}
+    assert {"loss_curves.png", "confusion_matrix.png", "train_history.csv"} <= artifacts
+    version = client.get_model_version_by_alias("image-classifier", "champion")
+    assert version.version == str(promotion["new_version"]) and version.run_id == train["run_id"]
+
+
+def test_stage_fails_fast_when_server_is_down(project):
+    project.set(**FAST)
+    project.run("fetch_data")
+    project.run("prepare")
+    down = f"http://127.0.0.1:{free_port()}"
+    project.tracking_uri = down
+    start = time.monotonic()
+    proc = project.run("train", check=False)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 10, f"took {elapsed:.1f}s"
+    assert down in proc.stderr and "unreachable" in proc.stderr
+    assert "epoch 1" not in proc.stderr  # failed before any training
+    assert not project.path("models/model.pt").exists()
