@@ -21,6 +21,9 @@ from pipeline.config import PipelineError
 
 log = logging.getLogger(__name__)
 
+# MLflow's usage telemetry: off unless the user turns it on (offline machines stall on it).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 _spent = [0.0]  # seconds inside MLflow calls in this process: the benchmark's "MLflow share"
 
 

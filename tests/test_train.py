@@ -23,7 +23,7 @@ from conftest import (TRAIN_FAST, clone_project, copy_prepared, inside_project, 
                       prepared_project)
 from pipeline.config import PipelineError
 from pipeline.engine import Runtime, evaluate, place, prepare_model, resolve_runtime, train_one_epoch
-from pipeline.models import Classifier, build_model
+from pipeline.models import build_model, load_classifier
 from pipeline.prepared import load_split
 from pipeline.train import EarlyStopper
 from pipeline.transforms import eval_transforms
@@ -349,9 +349,13 @@ def test_logged_model_and_model_pt_predict_the_same_probabilities(train_referenc
         probs = np.asarray(mlflow.pyfunc.load_model(summary(p)["model_uri"]).predict(x))
     assert probs.shape == (5, 3)
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-5) and (probs >= 0).all()
+    # the config's normalisation, then the rebuilt network, then softmax: the served model's maths
+    norm = (torch.from_numpy(x) - torch.tensor(cfg["mean"]).view(1, -1, 1, 1)) / torch.tensor(cfg["std"]).view(1, -1, 1, 1)
     with torch.no_grad():
-        local = Classifier(rebuild(saved), cfg["mean"], cfg["std"]).eval()(torch.from_numpy(x)).numpy()
+        local = torch.softmax(rebuild(saved)(norm), dim=1).numpy()
+        loaded = load_classifier(p.path("models/model.pt"))(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(local, probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loaded, probs, rtol=1e-5, atol=1e-6)
 
 
 def test_same_seed_params_and_data_give_identical_results(train_data, train_reference, tmp_path, mlflow_template):
