@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from conftest import (TRAIN_FAST, clone_project, copy_prepared, inside_project, make_images, noise_images,
@@ -79,9 +81,21 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 
 def start_train(project) -> subprocess.Popen:
-    """`python -m pipeline.train` in `project`, in the background."""
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project.root, env=project.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """`python -m pipeline.train` in `project`, in the background; its output goes to a file (a pipe
+    nobody reads while it runs could fill up and block it). finish() waits and returns the output."""
+    log = open(project.root.parent / f"train-{time.monotonic_ns()}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project.root, env=project.env(),
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+    proc.wait(timeout=timeout)
+    proc.log.seek(0)
+    out = proc.log.read()
+    proc.log.close()
+    return out
 
 
 def wait_for_checkpoint(project, proc: subprocess.Popen, epoch: int, timeout: float = 300) -> dict:
@@ -91,8 +105,7 @@ def wait_for_checkpoint(project, proc: subprocess.Popen, epoch: int, timeout: fl
     deadline, seen = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"train exited {proc.returncode} before epoch {epoch}'s checkpoint:\n{err}")
+            raise AssertionError(f"train exited {proc.returncode} before epoch {epoch}'s checkpoint:\n{finish(proc)}")
         try:
             stat = path.stat()
         except FileNotFoundError:
@@ -105,7 +118,7 @@ def wait_for_checkpoint(project, proc: subprocess.Popen, epoch: int, timeout: fl
                 return ckpt
         time.sleep(0.002)
     proc.kill()
-    raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout}s")
+    raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout}s:\n{finish(proc)}")
 
 
 # -- EarlyStopper ---------------------------------------------------------------------------------
@@ -448,7 +461,7 @@ def test_signal_during_training_kills_the_run_and_writes_nothing(train_data, tmp
     proc = start_train(p)
     ckpt = wait_for_checkpoint(p, proc, epoch=1)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    err = finish(proc)
     assert proc.returncode == code, err
     assert message in err
     (run,) = runs(p)
@@ -478,3 +491,30 @@ def test_corrupted_prepared_data_fails_cleanly_before_any_run(train_data, tmp_pa
     assert "val.npy: missing or corrupted" in proc.stderr and "Traceback" not in proc.stderr
     assert runs(p) == []  # no run was started, so none is left RUNNING
     assert not p.path("models/model.pt").exists()
+
+
+# -- torchvision weights in a real run, offline ---------------------------------------------------
+
+
+def test_run_with_default_weights_from_the_hub_cache_offline(train_data, tmp_path, mlflow_template, offline):
+    p = copy_prepared(train_data, tmp_path, mlflow_template, train__model="mobilenet_v3_small",
+                      train__weights="DEFAULT", train__finetune="head", train__epochs=1)
+    url = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT.url
+    cached = Path(p.env()["TORCH_HOME"]) / "hub" / "checkpoints" / os.path.basename(url)
+    torch.manual_seed(123)
+    donor = torchvision.models.mobilenet_v3_small().state_dict()  # random: not torchvision's file
+    cached.parent.mkdir(parents=True)
+    torch.save(donor, cached)
+    p.run("train")
+
+    saved = model_pt(p)
+    state = {k.removeprefix("net."): v for k, v in saved["state_dict"].items()}  # 12 px: MinSize wrapper
+    # greyscale data: the first conv is the donor's summed over RGB, and ImageNet's mean/std averaged
+    assert torch.allclose(state["features.0.0.weight"], donor["features.0.0.weight"].sum(1, keepdim=True))
+    assert saved["config"]["mean"] == pytest.approx([(0.485 + 0.456 + 0.406) / 3])
+    assert saved["config"]["std"] == pytest.approx([(0.229 + 0.224 + 0.225) / 3])
+    # finetune head: the rest of the donor, BN statistics included, is untouched; only a new head trained
+    for k, v in donor.items():
+        if (k.startswith("features.") and k != "features.0.0.weight") or k.startswith("classifier.0."):
+            assert torch.equal(state[k], v), k
+    assert state["classifier.3.weight"].shape == (3, 1024)

@@ -1,0 +1,48 @@
+"""Resuming train after `kill -9`: same MLflow run, and the same result as an uninterrupted run."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import TRAIN_FAST, copy_prepared
+from test_train import (EPOCH_METRICS, LEARNED, assert_same_tensors, client, finish, history, model_pt, runs,
+                        start_train, summary, wait_for_checkpoint)
+
+
+def test_killed_run_resumes_in_the_same_mlflow_run_to_the_same_result(train_data, train_reference, tmp_path,
+                                                                      mlflow_template):
+    epochs = TRAIN_FAST["train__epochs"]
+    p = copy_prepared(train_data, tmp_path, mlflow_template)  # train_reference's params and data
+    ckpt_path = p.path(".checkpoints/train.pt")
+
+    proc = start_train(p)
+    first = wait_for_checkpoint(p, proc, epoch=2)
+    proc.kill()  # SIGKILL: no handler runs, the MLflow run is left RUNNING
+    finish(proc)
+    assert proc.returncode == -9
+    left = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    k = left["epoch"]
+    assert 2 <= k < epochs, f"killed after epoch {k}: too late to test resuming"
+    assert left["run_id"] == first["run_id"]
+    (run,) = runs(p)
+    assert run.info.status == "RUNNING"
+    assert not p.path("models/model.pt").exists()
+
+    resumed = p.run("train")
+    assert f"resuming MLflow run {left['run_id']} from epoch {k}" in resumed.stderr
+    assert f"epoch {k}/{epochs}" not in resumed.stderr  # epochs 1..k are not trained again
+    assert f"epoch {k + 1}/{epochs}" in resumed.stderr
+
+    # one MLflow run, reopened and finished; each epoch's metrics logged exactly once
+    (run,) = runs(p)
+    assert run.info.run_id == left["run_id"] == summary(p)["run_id"]
+    assert run.info.status == "FINISHED"
+    c = client(p)
+    for key in EPOCH_METRICS:
+        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, key)) == list(range(1, epochs + 1)), key
+
+    # the same weights and curves as the uninterrupted run with the same params and data
+    assert [[h[key] for key in LEARNED] for h in history(p)] == \
+        [[h[key] for key in LEARNED] for h in history(train_reference)]
+    assert_same_tensors(model_pt(p)["state_dict"], model_pt(train_reference)["state_dict"])
+    assert not ckpt_path.exists()  # removed after success
