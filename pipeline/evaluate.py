@@ -141,48 +141,47 @@ def main(params: Params) -> None:
     test_hash = test_data_hash(meta)
 
     tracking.configure(params.mlflow.experiment)
-    tracking.start_run(train_info["run_id"])
-    try:
-        _log_run(metrics, test, probs, classes, cfg.promote_metric)
-        version = tracking.register(train_info["model_uri"], params.mlflow.registered_model, train_info["run_id"])
-        champ, champ_score, how = champion_score(params.mlflow.registered_model, cfg.promote_metric,
-                                                 test_hash, test, classes, cfg.batch_size, rt)
-        new_score = metrics[cfg.promote_metric]
-        if champ is not None and champ.version == version.version:
-            promote, reason = False, "this version already is @champion"
-        elif champ is not None and champ_score is None:
-            promote, reason = True, how
-        else:
-            promote, reason = decide(new_score, champ_score, cfg.promote_min_delta, cfg.promote_metric)
-        decision = {
-            "promoted": promote, "reason": reason, "metric": cfg.promote_metric,
-            "min_delta": cfg.promote_min_delta, "new_version": version.version, "new_score": new_score,
-            "champion_version": champ.version if champ else None, "champion_score": champ_score,
-            "champion_scored": how, "test_data_hash": test_hash, "run_id": train_info["run_id"],
-        }
-        tags = {f"test_{cfg.promote_metric}": new_score, "test_data_hash": test_hash,
-                "promoted": promote, "promotion_reason": reason}
-        tracking.tag_version(params.mlflow.registered_model, version.version, tags)
-        tracking.set_tags({"promotion.promoted": promote, "promotion.reason": reason,
-                           "registered_model_version": version.version})
+    with tracking.run(train_info["run_id"]):
+        _log_run(metrics, test, probs, classes)
+        decision = promote(params, metrics[cfg.promote_metric], test, classes, test_hash, train_info, rt)
         # Everything is computed and written before the alias moves: a failure above leaves it.
         write_json(METRICS_JSON, {k: v for k, v in metrics.items() if k != "confusion_matrix"})
         write_predictions(PREDICTIONS_CSV, test, probs, classes)
         write_json(PROMOTION_JSON, decision)
-        if promote:
-            tracking.set_champion(params.mlflow.registered_model, version.version)
-    except KeyboardInterrupt:
-        tracking.end_run("KILLED")
-        raise
-    except BaseException:
-        tracking.end_run("FAILED")
-        raise
-    tracking.end_run("FINISHED")
-    log.info("test %s %.4f; %s -> %s", cfg.promote_metric, new_score,
-             "promoted to @champion" if promote else "not promoted", reason)
+        if decision["promoted"]:
+            tracking.set_champion(params.mlflow.registered_model, decision["new_version"])
+    log.info("test %s %.4f; %s -> %s", cfg.promote_metric, decision["new_score"],
+             "promoted to @champion" if decision["promoted"] else "not promoted", decision["reason"])
 
 
-def _log_run(metrics: dict, test: Split, probs: torch.Tensor, classes: list[str], promote_metric: str) -> None:
+def promote(params: Params, new_score: float, test: Split, classes: list[str], test_hash: str,
+            train_info: dict, rt: Runtime) -> dict:
+    """Register the run's model and decide whether it becomes @champion (the alias itself moves
+    later, after the outputs are written). Tags the version and the run with the decision."""
+    cfg, name = params.evaluate, params.mlflow.registered_model
+    version = tracking.register(train_info["model_uri"], name, train_info["run_id"])
+    champ, champ_score, how = champion_score(name, cfg.promote_metric, test_hash, test, classes,
+                                             cfg.batch_size, rt)
+    if champ is not None and champ.version == version.version:
+        promoted, reason = False, "this version already is @champion"
+    elif champ is not None and champ_score is None:
+        promoted, reason = True, how
+    else:
+        promoted, reason = decide(new_score, champ_score, cfg.promote_min_delta, cfg.promote_metric)
+    tracking.tag_version(name, version.version, {f"test_{cfg.promote_metric}": new_score,
+                                                 "test_data_hash": test_hash, "promoted": promoted,
+                                                 "promotion_reason": reason})
+    tracking.set_tags({"promotion.promoted": promoted, "promotion.reason": reason,
+                       "registered_model_version": version.version})
+    return {
+        "promoted": promoted, "reason": reason, "metric": cfg.promote_metric,
+        "min_delta": cfg.promote_min_delta, "new_version": version.version, "new_score": new_score,
+        "champion_version": champ.version if champ else None, "champion_score": champ_score,
+        "champion_scored": how, "test_data_hash": test_hash, "run_id": train_info["run_id"],
+    }
+
+
+def _log_run(metrics: dict, test: Split, probs: torch.Tensor, classes: list[str]) -> None:
     scalars = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
     for cls, values in metrics["per_class"].items():
         for name in ("precision", "recall", "f1"):

@@ -6,6 +6,7 @@ MLFLOW_TRACKING_PASSWORD, read by MLflow itself), default the local sqlite:///ml
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -130,6 +131,22 @@ def dvc_out_hash(path: str, lock: Path = Path("dvc.lock")) -> str:
             if out.get("path") == path:
                 return out.get("md5", "")
     return ""
+
+
+@contextlib.contextmanager
+def run(run_id: str | None = None, run_name: str | None = None, tags: dict | None = None):
+    """A started (or reopened) run that always ends: FINISHED, KILLED on Ctrl-C/SIGTERM, FAILED on
+    any other exception, never left RUNNING (except by kill -9, which a resumed train picks up)."""
+    active = start_run(run_id, run_name, tags)
+    try:
+        yield active
+    except KeyboardInterrupt:
+        end_run("KILLED")
+        raise
+    except BaseException:
+        end_run("FAILED")
+        raise
+    end_run("FINISHED")
 
 
 @_timed

@@ -277,11 +277,10 @@ def main(params: Params) -> None:
     ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME
     ckpt = load_checkpoint(ckpt_path, fp)
     state = restore(ckpt, net, opt, sched, scaler, gen) if ckpt else State()
-    run = tracking.start_run(state.run_id, run_name=f"{cfg.model}-{params.data.source}", tags={
-        **tracking.git_tags(), **tracking.dvc_exp_tags(), "data.source": params.data.source,
-        "dvc.prepared_md5": tracking.dvc_out_hash(str(PREPARED_DIR)), "stage": "train"})
-    state.run_id = run.info.run_id
-    try:
+    tags = {**tracking.git_tags(), **tracking.dvc_exp_tags(), "data.source": params.data.source,
+            "dvc.prepared_md5": tracking.dvc_out_hash(str(PREPARED_DIR)), "stage": "train"}
+    with tracking.run(state.run_id, run_name=f"{cfg.model}-{params.data.source}", tags=tags) as run:
+        state.run_id = run.info.run_id
         if ckpt:
             log.info("resuming MLflow run %s from epoch %d (%s)", state.run_id, state.epoch, ckpt_path)
             _log_missing_epochs(state)
@@ -298,13 +297,6 @@ def main(params: Params) -> None:
         summary["stage_seconds"] = time.perf_counter() - started
         summary["mlflow_seconds"] = tracking.seconds_spent()  # before end_run: a few ms more
         write_outputs(net, config, state, summary)
-    except KeyboardInterrupt:
-        tracking.end_run("KILLED")
-        raise
-    except BaseException:
-        tracking.end_run("FAILED")
-        raise
-    tracking.end_run("FINISHED")
     remove(ckpt_path)
     log.info("best epoch %d (val_acc %.4f), %s; run %s", summary["best_epoch"], summary["best_val_acc"],
              reason, state.run_id)
