@@ -11,8 +11,7 @@ import zipfile
 import pytest
 import yaml
 
-from conftest import make_images
-from test_retrain import commit_all, ran_stages, repo, sh  # noqa: F401  (repo is a fixture)
+from conftest import commit_all, make_images, ran_stages, sh
 
 
 @pytest.fixture

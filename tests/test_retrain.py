@@ -4,71 +4,12 @@ DVC repos made from this checkout's tracked files."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
+import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-from conftest import REPO, make_images
-
-VENV_BIN = Path(sys.executable).parent
-FAST = {  # the whole pipeline in seconds
-    "prepare": {"image_size": 8, "min_images_per_class": 3},
-    "train": {"epochs": 2, "hidden_units": 4, "batch_size": 32, "patience": 2},
-}
-
-
-def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-@pytest.fixture
-def repo(tmp_path, mlflow_template):
-    """A git + DVC repo holding this checkout's tracked files, with fast params and a local image
-    folder source under data/sources/. Returns (root, env)."""
-    root = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if rel.startswith("tests/") or rel.startswith("dvc.lock"):
-            continue
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, root / rel)
-    for rel in ("pipeline", "params.yaml", "dvc.yaml", "Makefile", ".dvc/config", "data/sources/README.md"):
-        assert (root / rel).exists(), f"{rel} is not tracked in git"
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in FAST.items():
-        params[section].update(values)
-    params["data"]["source"] = "data/sources/images"
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    make_images(root / "data/sources/images", per_class=12, size=12)
-    shutil.copy(mlflow_template, root / "mlflow.db")
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env['PATH']}"
-    env["PYTHONPATH"] = str(root)
-    env.pop("MLFLOW_TRACKING_URI", None)  # the default: the repo's own sqlite store
-    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
-    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.com"
-    sh(["git", "init", "-q", "-b", "main"], root, env)
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "init"], root, env)
-    return root, env
-
-
-def ran_stages(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-
-
-def commit_all(root: Path, env: dict, message: str) -> None:
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", message], root, env)
-
+from conftest import VENV_BIN, commit_all, make_images, ran_stages, sh
 
 def test_data_change_reruns_exactly_downstream(repo):
     root, env = repo
@@ -150,8 +91,6 @@ def test_experiments_and_queued_sweep_are_mlflow_runs(repo):
     sh(["dvc", "queue", "status"], root, env)
     # `dvc queue start` returns at once; `dvc queue logs` / `exp show` after waiting for the workers.
     deadline_s = 400
-    import time
-
     t0 = time.monotonic()
     while time.monotonic() - t0 < deadline_s:
         status = sh(["dvc", "queue", "status"], root, env).stdout
