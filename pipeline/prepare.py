@@ -80,7 +80,9 @@ def decode_all(rels: list[str], raw_dir: Path, cfg: Prepare, out: Path) -> tuple
     work = partial(_decode_one, raw_dir=raw_dir, cfg=cfg)
     workers = min(os.cpu_count() or 1, 8) if len(rels) >= 1000 else 1
     bar = tqdm(total=len(rels), desc="prepare", unit="img", disable=not sys.stderr.isatty())
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    # spawn, not fork: a forked child can inherit a lock held by another thread of this process
+    # (a progress-bar monitor, a BLAS pool) and hang for ever.
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(work, rels, chunksize=64) if pool else map(work, rels)
         for i, result in enumerate(results):

@@ -137,8 +137,10 @@ def dvc_out_hash(path: str, lock: Path = Path("dvc.lock")) -> str:
 def run(run_id: str | None = None, run_name: str | None = None, tags: dict | None = None):
     """A started (or reopened) run that always ends: FINISHED, KILLED on Ctrl-C/SIGTERM, FAILED on
     any other exception, never left RUNNING (except by kill -9, which a resumed train picks up)."""
-    active = start_run(run_id, run_name, tags)
+    active = start_run(run_id, run_name)
     try:
+        if tags:
+            set_tags(tags)
         yield active
     except KeyboardInterrupt:
         end_run("KILLED")
@@ -150,14 +152,11 @@ def run(run_id: str | None = None, run_name: str | None = None, tags: dict | Non
 
 
 @_timed
-def start_run(run_id: str | None, run_name: str | None = None, tags: dict | None = None):
+def start_run(run_id: str | None, run_name: str | None = None):
     """Start a new run, or reopen `run_id` (a resumed train, or evaluate completing train's run)."""
     import mlflow
 
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
-    if tags:
-        mlflow.set_tags(tags)
-    return run
+    return mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
 
 
 @_timed
