@@ -128,7 +128,9 @@ def _metric_key(name: str) -> str:
 
 def main(params: Params) -> None:
     cfg = params.evaluate
-    rt = resolve_runtime(params.base.device, params.train.precision)
+    # fp32, whatever train.precision says: test metrics and predictions.csv must equal what the
+    # served model (fp32 pyfunc) and predict.py give for the same images.
+    rt = resolve_runtime(params.base.device, "fp32")
     if not TRAIN_JSON.exists() or not MODEL_PATH.exists():
         raise PipelineError(f"{MODEL_PATH} or {TRAIN_JSON} missing; run the train stage first")
     train_info = read_json(TRAIN_JSON)

@@ -230,9 +230,16 @@ def test_cuda_without_cuda_is_a_clear_error(device):
 
 
 @needs_no_cuda
-def test_auto_picks_the_cpu_in_fp32():
+def test_auto_picks_the_cpu_with_bf16_only_where_it_is_native(monkeypatch):
+    from pipeline import engine
+
     rt = resolve_runtime("auto", "auto")
-    assert rt.device == torch.device("cpu") and rt.amp_dtype is None and not rt.channels_last and not rt.cuda
+    native = engine.cpu_has_native_bf16()
+    assert rt.device == torch.device("cpu") and not rt.cuda and rt.channels_last
+    assert rt.amp_dtype == (torch.bfloat16 if native else None)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)  # an older CPU: emulated bf16 is slow
+    assert resolve_runtime("auto", "auto").amp_dtype is None
+    assert resolve_runtime("cpu", "fp32").amp_dtype is None
 
 
 def test_precision_on_the_cpu():
@@ -240,7 +247,6 @@ def test_precision_on_the_cpu():
         resolve_runtime("cpu", "fp16")
     assert resolve_runtime("cpu", "bf16").amp_dtype == torch.bfloat16
     assert resolve_runtime("cpu", "fp32").amp_dtype is None
-    assert resolve_runtime("cpu", "auto").amp_dtype is None
     # loss scaling only for fp16 (bf16 has fp32's range)
     assert Runtime(torch.device("cpu"), torch.float16, False).grad_scaler().is_enabled()
     assert not Runtime(torch.device("cpu"), torch.bfloat16, False).grad_scaler().is_enabled()
@@ -405,8 +411,9 @@ def test_early_stopping_keeps_the_best_epochs_weights(tmp_path, mlflow_template)
     saved = model_pt(p)
     cfg = saved["config"]
     split = load_split("val", p.path("data/prepared"))
+    trained_on = resolve_runtime("cpu", p.params()["train"]["precision"])  # the numerics train used
     m = evaluate(rebuild(saved), torch.from_numpy(np.array(split.images)), torch.from_numpy(split.labels),
-                 eval_transforms(cfg["mean"], cfg["std"]), 32, CPU, cfg["num_classes"])
+                 eval_transforms(cfg["mean"], cfg["std"]), 32, trained_on, cfg["num_classes"])
     assert m["val_loss"] == pytest.approx(val[best - 1], rel=1e-6)
     assert all(abs(v - val[best - 1]) > 1e-5 for e, v in enumerate(val, 1) if e != best)
 
