@@ -39,6 +39,9 @@ class Base:
     device: str  # auto | cpu | cuda | cuda:N
 
     def check(self) -> None:
+        # Fix (tests/faults): a negative or > 2**32-1 seed passed validation, then prepare crashed
+        # with a traceback in numpy's default_rng ("expected non-negative integer").
+        _range("base.seed", self.seed, 0, 2**32 - 1)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             _fail("base.device", self.device, "one of auto, cpu, cuda, cuda:N")
 
@@ -112,6 +115,7 @@ class Train:
     monitor: Literal["val_loss", "val_acc"]
     min_delta: float
     precision: Literal["auto", "fp32", "bf16", "fp16"]
+    nproc: int  # processes (GPUs, or CPU workers with gloo) under torchrun + DDP; 1: no DDP
     checkpoint_dir: str
 
     def check(self) -> None:
@@ -130,6 +134,7 @@ class Train:
                 _fail("train.augment", name, "a list of " + ", ".join(AUGMENTATIONS))
         _range("train.patience", self.patience, 1, 100000)
         _range("train.min_delta", self.min_delta, 0.0, 1e9)
+        _range("train.nproc", self.nproc, 1, 1024)
 
 
 @dataclass(frozen=True)

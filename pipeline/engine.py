@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.config import PipelineError
 from pipeline.transforms import Transform
 
@@ -67,7 +68,8 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         dev = torch.device("cpu")
-        torch.set_num_threads(os.cpu_count() or 1)
+        # the cores, shared among the processes of a DDP run on this machine
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -114,10 +116,11 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     """One pass over the training split in a random order drawn from `generator`.
 
     The model must already be in train mode (see models.set_train_mode). Returns train_loss (mean
-    per image), train_acc (per image over the split), images_per_second and epoch_seconds.
+    per image), train_acc (per image over the split), images_per_second and epoch_seconds; under
+    DDP each rank trains on its shard and the numbers are over all ranks.
     """
     start = time.perf_counter()
-    order = torch.randperm(len(images), generator=generator)
+    order = distributed.shard(torch.randperm(len(images), generator=generator))
     total_loss = torch.zeros((), device=rt.device)
     acc = MulticlassAccuracy(num_classes=num_classes, average="micro").to(rt.device)
     batches = range(0, len(order), batch_size)
@@ -137,12 +140,15 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             scheduler.step()
         total_loss += loss.detach() * len(y)
         acc.update(logits.detach(), y)
+    seen = distributed.all_sum(torch.tensor([float(len(order))], device=rt.device)).item()
+    total_loss = distributed.all_sum(total_loss)
+    train_acc = acc.compute().item()  # torchmetrics syncs its counts across ranks itself
     seconds = time.perf_counter() - start
     return {
-        "train_loss": total_loss.item() / len(images),
-        "train_acc": acc.compute().item(),
+        "train_loss": total_loss.item() / seen,
+        "train_acc": train_acc,
         "epoch_seconds": seconds,
-        "images_per_second": len(images) / seconds,
+        "images_per_second": seen / seconds,
     }
 
 

@@ -41,6 +41,16 @@ def decode(path: str | Path, size: int, channels: int, max_pixels: int) -> np.nd
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def decode_or_reason(rel: str, root: Path, size: int, channels: int, max_pixels: int) -> np.ndarray | str:
+    """decode(root / rel) for prepare's worker pool: the array, or why the file is quarantined."""
+    try:
+        return decode(root / rel, size, channels, max_pixels)
+    except BadImage as e:
+        return str(e)
+    except OSError as e:  # unreadable file: permissions, a broken link
+        return f"unreadable: {e}"
+
+
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     """Convert any PIL mode to L (1 channel) or RGB (3): transparency goes onto white, 16-bit and
     32-bit greyscale are scaled rather than clipped, CMYK and palettes through PIL's converters."""

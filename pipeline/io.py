@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +26,10 @@ def atomic_path(target: str | Path, *, directory: bool = False) -> Iterator[Path
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}.tmp-"
+    # Fix (tests/faults): the temp name carries the writer's pid, and what a killed writer left
+    # (kill -9 runs no cleanup: a half-written data/.prepared.tmp-* stayed for ever) is removed here.
+    _remove_stale(target)
+    prefix = f".{target.name}.tmp-{os.getpid()}-"
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     else:
@@ -42,6 +46,26 @@ def atomic_path(target: str | Path, *, directory: bool = False) -> Iterator[Path
     except BaseException:
         remove(tmp)
         raise
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove temp (`.<name>.tmp-<pid>-*`) and old (`.<name>.old-<pid>`) siblings of `target` whose
+    writer process no longer exists; a live writer's are left alone."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)(?:-.*)?")
+    for path in target.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and not _alive(int(match.group(1))):
+            remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def replace_dir(src: Path, target: Path) -> None:

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from pipeline.cli import run_stage
 from pipeline.config import Params, PipelineError, Prepare
 from pipeline.fetch_data import RAW_DIR, RAW_JSON
-from pipeline.images import BadImage, decode
+from pipeline.images import decode_or_reason
 from pipeline.io import atomic_path, read_json, remove, sha256_file, write_json
-from pipeline.prepared import PREPARED_DIR
+from pipeline.prepared import PREPARED_DIR, meta_digest
 from pipeline.sources import is_hidden
 
 log = logging.getLogger(__name__)
@@ -62,22 +62,16 @@ def check_class_counts(counts: dict[str, int], minimum: int, when: str) -> None:
                             f"images: {listed}")
 
 
-def _decode_one(rel: str, raw_dir: Path, cfg: Prepare):
-    try:
-        return decode(raw_dir / rel, cfg.image_size, cfg.channels, cfg.max_image_pixels)
-    except BadImage as e:
-        return str(e)
-    except OSError as e:  # unreadable file: permission, broken link
-        return f"unreadable: {e}"
-
-
 def decode_all(rels: list[str], raw_dir: Path, cfg: Prepare, out: Path) -> tuple[np.ndarray, dict[str, str]]:
     """Decode files into a new memory-mapped .npy at `out`; returns (ok mask, {file: reason})."""
     images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
                                        shape=(len(rels), cfg.channels, cfg.image_size, cfg.image_size))
     ok = np.zeros(len(rels), dtype=bool)
     quarantined = {}
-    work = partial(_decode_one, raw_dir=raw_dir, cfg=cfg)
+    # A function of pipeline.images, not of this module: this one runs as __main__, which spawned
+    # workers cannot always import by that name.
+    work = partial(decode_or_reason, root=raw_dir, size=cfg.image_size, channels=cfg.channels,
+                   max_pixels=cfg.max_image_pixels)
     workers = min(os.cpu_count() or 1, 8) if len(rels) >= 1000 else 1
     bar = tqdm(total=len(rels), desc="prepare", unit="img", disable=not sys.stderr.isatty())
     # spawn, not fork: a forked child can inherit a lock held by another thread of this process
@@ -192,6 +186,7 @@ def prepare(params: Params, raw_dir: Path = RAW_DIR, raw_json: Path = RAW_JSON,
         meta = {"image_size": cfg.image_size, "channels": cfg.channels, "classes": classes,
                 "mean": mean, "std": std, "source": raw.get("source"),
                 "raw_sha256": raw.get("content_sha256"), "splits": splits}
+        meta["meta_sha256"] = meta_digest(meta)  # load_meta checks it (see prepared.py)
         write_json(tmp / "meta.json", meta)
 
     report = {

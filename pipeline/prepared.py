@@ -9,6 +9,8 @@ is detected instead of silently used).
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +30,27 @@ class Split:
     files: list[str]  # relative to data/raw
 
 
+def meta_digest(meta: dict) -> str:
+    """sha256 of meta.json's content without its own `meta_sha256` field."""
+    rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def load_meta(folder: Path = PREPARED_DIR) -> dict:
     path = folder / "meta.json"
     if not path.exists():
         raise PipelineError(f"{path}: missing; run the prepare stage first (dvc repro prepare)")
-    return read_json(path)
+    # Fix (tests/faults): meta.json holds the other files' sha256 but nothing checked meta.json
+    # itself: an edited mean/std or image size was used silently, broken JSON was a traceback.
+    try:
+        meta = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: corrupted (not valid JSON: {e}); re-run the prepare stage "
+                            "(dvc repro -f prepare)") from None
+    if not isinstance(meta, dict) or meta.get("meta_sha256") != meta_digest(meta):
+        raise PipelineError(f"{path}: missing or corrupted (its content does not match its meta_sha256); "
+                            "re-run the prepare stage (dvc repro -f prepare)")
+    return meta
 
 
 def load_split(split: str, folder: Path = PREPARED_DIR, meta: dict | None = None, verify: bool = True) -> Split:

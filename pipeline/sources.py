@@ -256,6 +256,8 @@ def _extract_zip(archive: Path, out: Path, cfg: Data) -> None:
             budget.check_ratio(f"member {info.filename!r}", info.file_size, info.compress_size)
         for info in tqdm(infos, desc=f"extract {archive.name}", disable=not sys.stderr.isatty()):
             dest = _member_path(archive, out, info.filename)
+            if dest is not None and info.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)  # an empty class folder is kept (see copy_tree)
             if dest is None or info.is_dir():
                 continue
             with zf.open(info) as src:
@@ -275,6 +277,8 @@ def _extract_tar(archive: Path, out: Path, cfg: Data) -> None:
             if not (m.isfile() or m.isdir()):
                 raise FetchError(f"{archive}: member {m.name!r} is a device file, FIFO or other special "
                                  f"file (not allowed)")
+            if m.isdir() and dest is not None:
+                dest.mkdir(parents=True, exist_ok=True)  # an empty class folder is kept (see copy_tree)
             if m.isdir() or dest is None:
                 continue
             budget.check_ratio("the archive", budget.bytes + m.size, packed)
@@ -295,6 +299,10 @@ def copy_tree(src: Path, out: Path) -> None:
             log.warning("skipping %s: a symlink loop back into a folder already copied", folder)
             return
         seen.add((st.st_dev, st.st_ino))
+        # Fix (tests/faults): folders are created even when empty. Only files made folders before,
+        # so an empty class folder vanished and the model silently lost a class; now it reaches
+        # prepare, which refuses it by name (prepare.min_images_per_class).
+        (out / rel).mkdir(parents=True, exist_ok=True)
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if is_hidden(entry.name):
                 continue
@@ -303,7 +311,6 @@ def copy_tree(src: Path, out: Path) -> None:
                 if entry.is_dir():
                     walk(path, rel / entry.name)
                 elif entry.is_file():
-                    (out / rel).mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(path, out / rel / entry.name)
                 else:
                     log.warning("skipping %s: not a regular file (broken link?)", path)

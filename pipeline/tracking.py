@@ -159,13 +159,46 @@ def run(run_id: str | None = None, run_name: str | None = None, tags: dict | Non
         if tags:
             set_tags(tags)
         yield active
-    except KeyboardInterrupt:
-        end_run("KILLED")
-        raise
-    except BaseException:
-        end_run("FAILED")
+    except BaseException as e:
+        # Fix (tests/faults): a tracking server that died mid-run made end_run fail too (after
+        # MLflow's minutes of retries), and its traceback buried the real error. Now: one quick
+        # try to end the run, a warning if that fails, and one clear line naming the server.
+        interrupted = isinstance(e, KeyboardInterrupt)
+        lost = _lost_server()
+        _end_run_after_failure("KILLED" if interrupted else "FAILED", fast=lost is not None)
+        if lost and not interrupted:
+            raise PipelineError(
+                f"MLflow tracking server {lost} stopped answering during run {active.info.run_id} "
+                f"({_first_line(e)}); the run stays RUNNING there. Start the server again and re-run "
+                "the stage (train resumes from its last checkpoint, in the same run)") from e
         raise
     end_run("FINISHED")
+
+
+def _lost_server() -> str | None:
+    """The tracking URI when it is an http(s) server that no longer answers, else None."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        _check_server(uri)
+    except PipelineError:
+        return uri
+    return None
+
+
+def _end_run_after_failure(status: str, fast: bool) -> None:
+    if fast:  # the server is gone: one try, not MLflow's retries (minutes) here and at exit
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        end_run(status)
+    except Exception as e:
+        log.warning("could not mark the MLflow run %s: %s", status, _first_line(e))
+
+
+def _first_line(e: BaseException, limit: int = 240) -> str:
+    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @_timed("setup")

@@ -8,6 +8,7 @@ and ends with the same weights and metrics as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -15,6 +16,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import plots, tracking
+from pipeline import distributed, plots, tracking
 from pipeline.cli import run_stage
-from pipeline.config import Params, Train
+from pipeline.config import Params, PipelineError, Train
 from pipeline.engine import Runtime, evaluate, place, prepare_model, resolve_runtime, train_one_epoch
 from pipeline.io import atomic_path, remove, write_json
 from pipeline.models import Classifier, apply_finetune, build_model, resolve_weights, set_train_mode
@@ -167,9 +169,9 @@ def save_checkpoint(path: Path, fp: str, state: State, net, opt, sched, scaler, 
         torch.save(ckpt, tmp)
 
 
-def load_checkpoint(path: Path, fp: str) -> dict | None:
+def load_checkpoint(path: Path, fp: str, set_aside: bool = True) -> dict | None:
     """The checkpoint at `path` if it belongs to this configuration; a foreign or unreadable one is
-    set aside (renamed *.stale) rather than used."""
+    set aside (renamed *.stale; by rank 0 alone under DDP) rather than used."""
     if not path.exists():
         return None
     try:
@@ -180,7 +182,8 @@ def load_checkpoint(path: Path, fp: str) -> dict | None:
         ok, reason = False, f"unreadable: {e}"
     if not ok:
         log.warning("not resuming from %s (%s); starting afresh", path, reason)
-        path.replace(path.with_suffix(".stale"))
+        if set_aside:
+            path.replace(path.with_suffix(".stale"))
         return None
     return ckpt
 
@@ -203,9 +206,12 @@ def restore(ckpt: dict, net, opt, sched, scaler, gen: torch.Generator) -> State:
 
 
 def fit(cfg: Train, net: nn.Module, frozen: list[nn.Module], data: Splits, norm: dict, rt: Runtime,
-        gen: torch.Generator, opt, sched, scaler, state: State, on_epoch) -> tuple[State, str]:
+        gen: torch.Generator, opt, sched, scaler, state: State, on_epoch,
+        model: nn.Module | None = None) -> tuple[State, str]:
     """Train from `state.epoch` until train.epochs or early stopping; `on_epoch(state)` runs after
-    each epoch (checkpoint, tracking). Returns the final state and why training stopped."""
+    each epoch (checkpoint, tracking). Under DDP `model` is the DistributedDataParallel wrapper of
+    `net` that the training steps go through. Returns the final state and why training stopped."""
+    model = model or net
     stopper = EarlyStopper(cfg.monitor, cfg.patience, cfg.min_delta)
     if state.stopper:
         stopper.load_state_dict(state.stopper)
@@ -217,20 +223,24 @@ def fit(cfg: Train, net: nn.Module, frozen: list[nn.Module], data: Splits, norm:
         if stopper.should_stop:
             break
         epoch = state.epoch + 1
-        set_train_mode(net, frozen)
-        metrics = train_one_epoch(net, data.train_x, data.train_y, augment, opt, sched, scaler, loss_fn,
+        set_train_mode(model, frozen)
+        metrics = train_one_epoch(model, data.train_x, data.train_y, augment, opt, sched, scaler, loss_fn,
                                   cfg.batch_size, gen, rt, data.num_classes, desc=f"epoch {epoch}")
         metrics.update(evaluate(net, data.val_x, data.val_y, plain, cfg.batch_size * 2, rt, data.num_classes))
         metrics["lr"] = opt.param_groups[0]["lr"]
+        # Rank 0's numbers decide for all ranks (another rank's BN buffers may differ until DDP's
+        # next broadcast), so every rank stops at the same epoch.
+        metrics = distributed.broadcast_object(metrics)
         if stopper.step(metrics[cfg.monitor], epoch):
             state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         state.stopper = stopper.state_dict()
         state.history.append({"epoch": epoch, **metrics})
         state.epoch = epoch
-        log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  "
-                 "%.1fs  %.0f img/s", epoch, cfg.epochs, metrics["train_loss"], metrics["train_acc"],
-                 metrics["val_loss"], metrics["val_acc"], metrics["lr"], metrics["epoch_seconds"],
-                 metrics["images_per_second"])
+        if distributed.is_main():
+            log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  "
+                     "%.1fs  %.0f img/s", epoch, cfg.epochs, metrics["train_loss"], metrics["train_acc"],
+                     metrics["val_loss"], metrics["val_acc"], metrics["lr"], metrics["epoch_seconds"],
+                     metrics["images_per_second"])
         on_epoch(state)
     if stopper.should_stop:
         reason = (f"early stopping: no {cfg.monitor} improvement over train.min_delta={cfg.min_delta} "
@@ -257,51 +267,80 @@ def write_outputs(net: nn.Module, config: dict, state: State, summary: dict) -> 
 
 
 def main(params: Params) -> None:
+    cfg = params.train
+    if distributed.is_main():
+        tracking.configure(params.mlflow.experiment)  # an unreachable server fails here, before any work
+    if cfg.nproc > 1 and not distributed.launched():
+        code = distributed.relaunch(cfg.nproc, "pipeline.train", sys.argv[1:])
+        if code != 0:
+            raise PipelineError(f"train under torchrun --nproc_per_node={cfg.nproc} exited {code}")
+        return
+    try:
+        _train(params)
+    finally:
+        distributed.finish()
+
+
+def _train(params: Params) -> None:
     started = time.perf_counter()
     cfg = params.train
-    tracking.configure(params.mlflow.experiment)  # an unreachable server fails here, before any work
     rt = resolve_runtime(params.base.device, cfg.precision)
+    if distributed.launched():
+        rt = Runtime(distributed.init(rt.device), rt.amp_dtype, rt.channels_last)
+    main_rank = distributed.is_main()
     data = load_data(rt)
-    torch.manual_seed(params.base.seed)  # model initialisation and dropout
+    torch.manual_seed(params.base.seed)  # model initialisation and dropout, the same on every rank
     random.seed(params.base.seed)
     np.random.seed(params.base.seed)
     gen = torch.Generator().manual_seed(params.base.seed)  # shuffling and augmentation
     net, frozen, config = build(cfg, data.meta)
     net = prepare_model(net, rt)
+    model = net
+    if distributed.world_size() > 1:
+        if rt.cuda:  # batch statistics over all GPUs' samples (gloo has no SyncBatchNorm kernels)
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.cuda else None)
     norm = {"mean": config["mean"], "std": config["std"]}
-    steps = cfg.epochs * math.ceil(len(data.train_x) / cfg.batch_size)
+    steps = cfg.epochs * math.ceil(len(distributed.shard(torch.arange(len(data.train_x)))) / cfg.batch_size)
     opt, sched = make_optimizer(cfg, net, steps, rt)
     scaler = rt.grad_scaler()
 
     fp = fingerprint(params, data.meta, rt)
     ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME
-    ckpt = load_checkpoint(ckpt_path, fp)
+    ckpt = load_checkpoint(ckpt_path, fp, set_aside=main_rank)
     state = restore(ckpt, net, opt, sched, scaler, gen) if ckpt else State()
     tags = {**tracking.git_tags(), **tracking.dvc_exp_tags(), "data.source": params.data.source,
-            "dvc.prepared_md5": tracking.dvc_out_hash(str(PREPARED_DIR)), "stage": "train"}
-    with tracking.run(state.run_id, run_name=f"{cfg.model}-{params.data.source}", tags=tags) as run:
-        state.run_id = run.info.run_id
-        tracking.warm_up()
-        if ckpt:
-            log.info("resuming MLflow run %s from epoch %d (%s)", state.run_id, state.epoch, ckpt_path)
-            _log_missing_epochs(state)
-        else:
-            _log_start(params, net, data)
+            "dvc.prepared_md5": tracking.dvc_out_hash(str(PREPARED_DIR)), "stage": "train",
+            "train.processes": distributed.world_size()}
+    run_ctx = (tracking.run(state.run_id, run_name=f"{cfg.model}-{params.data.source}", tags=tags)
+               if main_rank else contextlib.nullcontext())
+    with run_ctx as run:
+        if main_rank:
+            state.run_id = run.info.run_id
+            tracking.warm_up()
+            if ckpt:
+                log.info("resuming MLflow run %s from epoch %d (%s)", state.run_id, state.epoch, ckpt_path)
+                _log_missing_epochs(state)
+            else:
+                _log_start(params, net, data)
 
         def on_epoch(s: State) -> None:
-            # Checkpoint first: a kill between the two leaves at most an epoch to re-log on resume.
-            save_checkpoint(ckpt_path, fp, s, net, opt, sched, scaler, gen)
-            tracking.log_metrics({k: v for k, v in s.history[-1].items() if k != "epoch"}, step=s.epoch)
+            if main_rank:  # checkpoint first: a kill between the two leaves an epoch to re-log on resume
+                save_checkpoint(ckpt_path, fp, s, net, opt, sched, scaler, gen)
+                tracking.log_metrics({k: v for k, v in s.history[-1].items() if k != "epoch"}, step=s.epoch)
 
-        state, reason = fit(cfg, net, frozen, data, norm, rt, gen, opt, sched, scaler, state, on_epoch)
-        summary = _finish(params, net, config, state, reason)
-        summary["stage_seconds"] = time.perf_counter() - started
-        spent = tracking.seconds_spent()  # before end_run: a few ms more
-        summary["mlflow_logging_seconds"], summary["mlflow_setup_seconds"] = spent["logging"], spent["setup"]
-        write_outputs(net, config, state, summary)
-    remove(ckpt_path)
-    log.info("best epoch %d (val_acc %.4f), %s; run %s", summary["best_epoch"], summary["best_val_acc"],
-             reason, state.run_id)
+        state, reason = fit(cfg, net, frozen, data, norm, rt, gen, opt, sched, scaler, state, on_epoch, model)
+        if main_rank:
+            summary = _finish(params, net, config, state, reason)
+            summary["stage_seconds"] = time.perf_counter() - started
+            spent = tracking.seconds_spent()  # before end_run: a few ms more
+            summary["mlflow_logging_seconds"], summary["mlflow_setup_seconds"] = spent["logging"], spent["setup"]
+            write_outputs(net, config, state, summary)
+    distributed.barrier()
+    if main_rank:
+        remove(ckpt_path)
+        log.info("best epoch %d (val_acc %.4f), %s; run %s", summary["best_epoch"], summary["best_val_acc"],
+                 reason, state.run_id)
 
 
 def _log_start(params: Params, net: nn.Module, data: Splits) -> None:

@@ -194,6 +194,7 @@ class LoopbackServer:
     reset     sends half the body, then resets the connection (RST)
     stall     sends half the body, then goes silent until the test ends
     silent    accepts the request and never answers
+    error     500 Internal Server Error
     Anything not routed is a 404. `requests` lists the paths asked for, in order.
     """
 
@@ -212,6 +213,9 @@ class LoopbackServer:
                 mode, body = server.routes.get(self.path, ("missing", b""))
                 if mode == "missing":
                     self.send_error(404, "Not Found")
+                    return
+                if mode == "error":
+                    self.send_error(500, "Internal Server Error")
                     return
                 if mode == "silent":
                     server.release.wait(60)
