@@ -40,17 +40,22 @@ def list_images(raw_dir: Path, layout: str) -> tuple[list[str], list[tuple[str, 
     """
     splits = {"all": raw_dir} if layout == "classes" else {s: raw_dir / s for s in ("train", "test")}
     items = []
+    folders = set()
     for split, folder in splits.items():
         if not folder.is_dir():
             continue
         for cls in sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)):
+            if split in ("train", "all"):
+                folders.add(cls)
             for dirpath, dirnames, filenames in os.walk(folder / cls):
                 dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
                 for name in sorted(filenames):
                     if not is_hidden(name):
                         rel = Path(dirpath, name).relative_to(raw_dir).as_posix()
                         items.append((split, cls, rel))
-    classes = sorted({cls for split, cls, _ in items if split in ("train", "all")})
+    # Fix (tests/faults): classes are the class folders, not the classes that have files: an empty
+    # class folder was dropped silently; now check_class_counts refuses it by name.
+    classes = sorted(folders)
     return classes, items
 
 
