@@ -265,11 +265,16 @@ class Classifier(nn.Module):
         return torch.softmax(self.net((x - self.mean) / self.std).float(), dim=1)
 
 
+def build_from_config(cfg: dict) -> nn.Module:
+    """A fresh network from the config saved with the weights in models/model.pt."""
+    return build_model(cfg["model"], cfg["num_classes"], cfg["channels"], cfg["image_size"],
+                       hidden_units=cfg["hidden_units"], batch_norm=cfg["batch_norm"], dropout=cfg["dropout"])
+
+
 def load_classifier(path: str | Path) -> Classifier:
     """models/model.pt (weights + config, loaded with weights_only=True) -> Classifier on the CPU."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
     cfg = obj["config"]
-    net = build_model(cfg["model"], cfg["num_classes"], cfg["channels"], cfg["image_size"],
-                      hidden_units=cfg["hidden_units"], batch_norm=cfg["batch_norm"], dropout=cfg["dropout"])
+    net = build_from_config(cfg)
     net.load_state_dict(obj["state_dict"])
     return Classifier(net, cfg["mean"], cfg["std"], cfg["classes"], cfg["image_size"], cfg["channels"]).eval()

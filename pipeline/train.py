@@ -30,7 +30,8 @@ from pipeline.cli import run_stage
 from pipeline.config import Params, PipelineError, Train
 from pipeline.engine import Runtime, evaluate, place, prepare_model, resolve_runtime, train_one_epoch
 from pipeline.io import atomic_path, remove, write_json
-from pipeline.models import Classifier, apply_finetune, build_model, resolve_weights, set_train_mode
+from pipeline.models import (Classifier, apply_finetune, build_from_config, build_model, resolve_weights,
+                             set_train_mode)
 from pipeline.prepared import PREPARED_DIR, load_meta, load_split
 from pipeline.transforms import eval_transforms, train_transforms
 
@@ -384,9 +385,7 @@ def _finish(params: Params, net: nn.Module, config: dict, state: State, reason: 
 
 def _cpu_copy(net: nn.Module, config: dict) -> nn.Module:
     """A float32 CPU copy of the trained network for logging (no channels_last, no CUDA)."""
-    cpu = build_model(config["model"], config["num_classes"], config["channels"], config["image_size"],
-                      hidden_units=config["hidden_units"], batch_norm=config["batch_norm"],
-                      dropout=config["dropout"])
+    cpu = build_from_config(config)
     cpu.load_state_dict({k: v.detach().cpu().float() if v.is_floating_point() else v.cpu()
                          for k, v in net.state_dict().items()})
     return cpu.eval()
