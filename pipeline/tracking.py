@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.cli import shielded
 from pipeline.config import PipelineError
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ _spent = {"logging": 0.0, "setup": 0.0}
 
 
 def _timed(kind: str):
+    """Time an MLflow call, and shield it from Ctrl-C/SIGTERM until it returns."""
+
     def decorate(fn):
+        @shielded
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
@@ -88,21 +92,26 @@ def configure(experiment: str) -> str:
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
-            _create_local_experiment(experiment)
+        # Fix (tests/faults): created here for every store, not by set_experiment. When two stages
+        # start at once against a server without the experiment, MLflow's set_experiment returns
+        # from the lost creation race without making it active: that stage's run went to the
+        # Default experiment, and resuming it failed ("active experiment ID does not match").
+        if mlflow.get_experiment_by_name(experiment) is None:
+            _create_experiment(experiment, local=uri.startswith("sqlite:"))
         mlflow.set_experiment(experiment)
     except Exception as e:  # MLflow raises its own and requests' errors; all mean the same here
         raise PipelineError(f"MLflow tracking at {uri}: cannot set experiment {experiment!r}: {e}") from e
     return uri
 
 
-def _create_local_experiment(name: str) -> None:
-    """Artifacts under the project's mlruns/, wherever the first run happens to start (a queued
-    experiment's temp workspace is deleted afterwards)."""
+def _create_experiment(name: str, local: bool) -> None:
+    """Create experiment `name` unless a concurrent stage just did. A local store keeps artifacts
+    under the project's mlruns/, wherever the first run happens to start (a queued experiment's temp
+    workspace is deleted afterwards); a server, where it is configured to."""
     import mlflow
 
     try:
-        mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
+        mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri() if local else None)
     except mlflow.exceptions.MlflowException:
         if mlflow.get_experiment_by_name(name) is None:  # not a lost race with a concurrent run
             raise
