@@ -11,7 +11,6 @@ import signal
 import sqlite3
 
 import numpy as np
-import pytest
 import torch  # imported up front: the first torch.load of a checkpoint must not take seconds
 
 from conftest import make_images, snapshot
@@ -77,38 +76,41 @@ def test_kill_9_during_train_then_dvc_repro_resumes_to_the_same_result(pristine_
         f"{len(EPOCH_METRICS)} epoch metrics logged once per epoch 1..{epochs}; checkpoint removed")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_during_train_under_dvc_repro(baseline_repo, tmp_path, fault_log, sig):
-    """SIGINT or SIGTERM to `dvc repro`'s process group while train runs."""
-    repo = baseline_repo.clone(tmp_path / "repo")
-    repo.set(train__epochs=1000, train__patience=1000)  # still training when the signal comes
-    lock_before = repo.lock()
-    bg = repo.start_dvc("repro")
-    ckpt = wait_for_checkpoint(repo, bg, epoch=1)
-    train_pid = bg.find("pipeline.train")
-    assert train_pid is not None, bg.members()
-    bg.signal_group(sig)
-    rc = bg.wait(120)  # dvc, and the train stage, which may outlive a dvc killed by SIGTERM
-    out = bg.output()
-    message = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "terminated (SIGTERM)"}[sig]
-    assert rc != 0
-    assert message in out
-    run = repo.client().get_run(ckpt["run_id"])
-    assert run.info.status == "KILLED"
-    assert repo.lock() == lock_before
-    assert not repo.path("models/model.pt").exists()
-    assert not repo.path("reports/train.json").exists()
-    assert temp_leftovers(repo.path("models"), repo.path("reports"), repo.path("data")) == []
-    status = repo.dvc("status")  # DVC is not left locked
-    assert "train:" in status.stdout
-    dvc_line = error_line(out) if sig == signal.SIGINT else f"dvc killed by the signal (exit {rc})"
-    fault_log.record(
-        AREA, f"{sig.name} to the process group of `dvc repro` (dvc + `python -m pipeline.train`) after epoch "
-              f"{ckpt['epoch']}'s checkpoint, train.epochs=1000",
-        f"dvc exit {rc} ({dvc_line}); the stage printed '{lines_with(out, message)[0].split(': ', 1)[-1]}'; "
-        f"MLflow run {run.info.status}; dvc.lock byte-identical; no models/model.pt, reports/train.json or temp "
-        f"files (DVC removes a stage's non-persist outputs before running it); `dvc status` runs (no stale lock), "
-        f"shows train changed")
+def test_sigint_and_sigterm_during_train_under_dvc_repro(baseline_repo, tmp_path, fault_log):
+    """SIGINT to one `dvc repro`'s process group, SIGTERM to another's, while train runs (side by side)."""
+    signals = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "terminated (SIGTERM)"}
+    started = {}
+    for sig in signals:
+        repo = baseline_repo.clone(tmp_path / sig.name)
+        repo.set(train__epochs=1000, train__patience=1000)  # still training when the signal comes
+        started[sig] = (repo, repo.lock(), repo.start_dvc("repro"))
+    for sig, (repo, lock_before, bg) in started.items():
+        ckpt = wait_for_checkpoint(repo, bg, epoch=1)
+        assert bg.find("pipeline.train") is not None, bg.members()
+        bg.signal_group(sig)
+        started[sig] += (ckpt,)
+    for sig, (repo, lock_before, bg, ckpt) in started.items():
+        rc = bg.wait(120)  # dvc, and the train stage, which may outlive a dvc killed by SIGTERM
+        out = bg.output()
+        message = signals[sig]
+        assert rc != 0
+        assert message in out, out[-3000:]
+        run = repo.client().get_run(ckpt["run_id"])
+        assert run.info.status == "KILLED"
+        assert repo.lock() == lock_before
+        assert not repo.path("models/model.pt").exists()
+        assert not repo.path("reports/train.json").exists()
+        assert temp_leftovers(repo.path("models"), repo.path("reports"), repo.path("data")) == []
+        status = repo.dvc("status")  # DVC is not left locked
+        assert "train:" in status.stdout
+        dvc_line = error_line(out) if sig == signal.SIGINT else f"dvc killed by the signal (exit {rc})"
+        fault_log.record(
+            AREA, f"{sig.name} to the process group of `dvc repro` (dvc + `python -m pipeline.train`) after epoch "
+                  f"{ckpt['epoch']}'s checkpoint, train.epochs=1000",
+            f"dvc exit {rc} ({dvc_line}); the stage printed '{lines_with(out, message)[0].split(': ', 1)[-1]}'; "
+            f"MLflow run {run.info.status}; dvc.lock byte-identical; no models/model.pt, reports/train.json or temp "
+            f"files (DVC removes a stage's non-persist outputs before running it); `dvc status` runs (no stale lock), "
+            f"shows train changed")
 
 
 def test_kill_9_during_prepare_leaves_cache_and_lock_as_they_were(baseline_repo, tmp_path, fault_log):
