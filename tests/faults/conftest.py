@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch  # imported up front: the first read of a checkpoint must not take seconds
 import yaml
 
 from conftest import REPO, VENV_BIN, make_images, ran_stages, sh
@@ -101,7 +102,8 @@ def pytest_runtest_makereport(item, call):
     elif report.failed:
         out.status, out.message = "failed", f"{report.when}: {_failure_line(report)}"
     elif report.skipped and out.status == "passed":
-        out.status, out.message = "skipped", str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
+        out.status, out.message = "skipped", reason.removeprefix("Skipped: ")
     return report
 
 
@@ -135,7 +137,7 @@ def write_report(path: Path = REPORT) -> None:
         "statuses, file hashes compared before and after. A row's result is its test's outcome.",
         "",
         f"Run {now}: {len(outcomes)} tests, {counts['passed']} passed, {counts['failed']} failed, "
-        f"{counts['xfailed']} known gaps (xfail), {counts['skipped']} skipped; "
+        f"{counts['xfailed']} known gap(s) (xfail), {counts['skipped']} skipped; "
         f"{time.monotonic() - _STARTED:.0f} s.",
         "",
     ]
@@ -266,8 +268,6 @@ def poll(check, what: str, timeout: float = 120, bg: Background | None = None, i
 
 
 def read_checkpoint(path: Path) -> dict | None:
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (FileNotFoundError, RuntimeError, EOFError, OSError):

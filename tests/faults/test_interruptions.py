@@ -11,7 +11,7 @@ import signal
 import sqlite3
 
 import numpy as np
-import torch  # imported up front: the first torch.load of a checkpoint must not take seconds
+import torch
 
 from conftest import make_images, snapshot
 from faults.conftest import error_line, lines_with, poll, ran_stages, read_checkpoint, temp_leftovers, \
