@@ -41,6 +41,7 @@ MODEL_PATH = Path("models/model.pt")
 TRAIN_JSON = Path("reports/train.json")
 HISTORY_CSV = Path("reports/train_history.csv")
 CHECKPOINT_NAME = "train.pt"
+CHECKPOINT_MAGIC = b"pipeline-checkpoint sha256="  # the first line; the torch.save payload follows
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
                   "images_per_second"]
 
@@ -166,27 +167,57 @@ def save_checkpoint(path: Path, fp: str, state: State, net, opt, sched, scaler, 
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "numpy": np.random.get_state(), "python": random.getstate()},
     }
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    payload = buf.getbuffer()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+        f.write(payload)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's content, after checking its sha256: torch.load alone accepts a file whose
+    tensor bytes changed on disk, and training would resume from the damaged weights silently."""
+    data = memoryview(path.read_bytes())
+    head_end = bytes(data[:len(CHECKPOINT_MAGIC) + 65]).find(b"\n")
+    head = bytes(data[:head_end]) if head_end > 0 else b""
+    if not head.startswith(CHECKPOINT_MAGIC):
+        raise ValueError("no checksum header (not written by this version of train)")
+    payload = data[head_end + 1:]
+    if hashlib.sha256(payload).hexdigest() != head[len(CHECKPOINT_MAGIC):].decode(errors="replace"):
+        raise ValueError("sha256 mismatch: the file changed after it was written")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
 
 
 def load_checkpoint(path: Path, fp: str, set_aside: bool = True) -> dict | None:
-    """The checkpoint at `path` if it belongs to this configuration; a foreign or unreadable one is
-    set aside (renamed *.stale; by rank 0 alone under DDP) rather than used."""
+    """The checkpoint at `path` if it is intact and belongs to this configuration; a foreign or
+    damaged one is set aside (renamed *.stale, *.stale1, ...; by rank 0 alone under DDP) rather
+    than used."""
     if not path.exists():
         return None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(path)
         ok = ckpt.get("fingerprint") == fp
         reason = "params or data changed"
-    except Exception as e:  # a corrupted file: unpickling errors of many kinds
+    except Exception as e:  # a damaged file: a checksum mismatch, unpickling errors of many kinds
         ok, reason = False, f"unreadable: {e}"
     if not ok:
-        log.warning("not resuming from %s (%s); starting afresh", path, reason)
         if set_aside:
-            path.replace(path.with_suffix(".stale"))
+            stale = _free_name(path.with_suffix(".stale"))
+            path.replace(stale)
+            reason += f"; kept as {stale.name}"
+        log.warning("not resuming from %s (%s); starting afresh", path, reason)
         return None
     return ckpt
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or path1, path2, ... when taken: an earlier set-aside checkpoint is not overwritten."""
+    n, free = 0, path
+    while free.exists():
+        n += 1
+        free = path.with_name(f"{path.name}{n}")
+    return free
 
 
 def restore(ckpt: dict, net, opt, sched, scaler, gen: torch.Generator) -> State:

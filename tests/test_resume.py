@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import TRAIN_FAST, copy_prepared
+from pipeline.train import read_checkpoint
 from test_train import (EPOCH_METRICS, LEARNED, assert_same_tensors, client, finish, history, model_pt, runs,
                         start_train, summary, wait_for_checkpoint)
 
@@ -20,7 +21,7 @@ def test_killed_run_resumes_in_the_same_mlflow_run_to_the_same_result(train_data
     proc.kill()  # SIGKILL: no handler runs, the MLflow run is left RUNNING
     finish(proc)
     assert proc.returncode == -9
-    left = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    left = read_checkpoint(ckpt_path)
     k = left["epoch"]
     assert 2 <= k < epochs, f"killed after epoch {k}: too late to test resuming"
     assert left["run_id"] == first["run_id"]

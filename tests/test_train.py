@@ -27,7 +27,7 @@ from pipeline.config import PipelineError
 from pipeline.engine import Runtime, evaluate, place, prepare_model, resolve_runtime, train_one_epoch
 from pipeline.models import build_model, load_classifier
 from pipeline.prepared import load_split
-from pipeline.train import EarlyStopper
+from pipeline.train import EarlyStopper, read_checkpoint
 from pipeline.transforms import eval_transforms
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second")
@@ -113,7 +113,7 @@ def wait_for_checkpoint(project, proc: subprocess.Popen, epoch: int, timeout: fl
             continue
         if (stat.st_ino, stat.st_mtime_ns) != seen:
             seen = (stat.st_ino, stat.st_mtime_ns)
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = read_checkpoint(path)
             if ckpt["epoch"] >= epoch:
                 return ckpt
         time.sleep(0.002)

@@ -268,9 +268,12 @@ def poll(check, what: str, timeout: float = 120, bg: Background | None = None, i
 
 
 def read_checkpoint(path: Path) -> dict | None:
+    """What train's read_checkpoint reads there (checksum checked), or None: absent or damaged."""
+    from pipeline.train import read_checkpoint as read
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (FileNotFoundError, RuntimeError, EOFError, OSError):
+        return read(path)
+    except (FileNotFoundError, ValueError, RuntimeError, EOFError, OSError):
         return None
 
 

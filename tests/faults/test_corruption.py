@@ -3,6 +3,7 @@ rebuilt by `dvc repro`; a damaged train checkpoint is set aside, not resumed fro
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 
@@ -100,13 +101,12 @@ def test_truncated_checkpoint_is_set_aside_and_training_starts_afresh(baseline_r
                      f"1..{epochs} afresh; models/model.pt identical to the uninterrupted run's")
 
 
-@pytest.mark.xfail(strict=True, reason="a checkpoint holds no checksum of its content: pipeline/train.py "
-                                       "load_checkpoint only checks the params/data fingerprint and that torch.load works")
 def test_bit_flipped_checkpoint_is_not_resumed_from(killed_checkpoint, tmp_path, fault_log):
-    """One byte of the model weights flipped inside a valid checkpoint, then train's load_checkpoint."""
-    from pipeline.train import load_checkpoint
+    """One byte of the model weights flipped inside a valid checkpoint, then train's load_checkpoint;
+    then a second damaged checkpoint, which must not replace the first one set aside."""
+    from pipeline.train import load_checkpoint, read_checkpoint
 
-    good = torch.load(_write(tmp_path / "good.pt", killed_checkpoint), map_location="cpu", weights_only=False)
+    good = read_checkpoint(_write(tmp_path / "good.pt", killed_checkpoint))
     name, tensor = next((k, v) for k, v in good["model"].items() if v.is_floating_point() and v.numel() >= 16)
     raw = tensor.numpy().tobytes()
     at = killed_checkpoint.find(raw)
@@ -114,15 +114,25 @@ def test_bit_flipped_checkpoint_is_not_resumed_from(killed_checkpoint, tmp_path,
     data = bytearray(killed_checkpoint)
     data[at + len(raw) // 2] ^= 0x40
     path = _write(tmp_path / "ckpt" / "train.pt", bytes(data))
+    # The damage is one torch.load cannot see: without the checksum the weights would be resumed from.
+    unchecked = torch.load(io.BytesIO(bytes(data).split(b"\n", 1)[1]), map_location="cpu", weights_only=False)
+    assert unchecked["fingerprint"] == good["fingerprint"]
+    assert not (torch.equal(unchecked["model"][name], tensor)
+                and torch.equal(unchecked["best_state"][name], good["best_state"][name]))
+
     ckpt = load_checkpoint(path, good["fingerprint"])
-    accepted = ckpt is not None and not (torch.equal(ckpt["model"][name], tensor)
-                                         and torch.equal(ckpt["best_state"][name], good["best_state"][name]))
-    fault_log.record(AREA, f"one byte flipped inside tensor `{name}` of a valid train checkpoint (epoch {good['epoch']}); "
-                           "then train's load_checkpoint (what the stage calls to resume)",
-                     "accepted: torch.load reads it, the fingerprint matches, the weights differ from what was saved; "
-                     "train would resume from them silently" if accepted else
-                     f"refused (returned None, {'set aside as ' + path.with_suffix('.stale').name if path.with_suffix('.stale').exists() else 'not set aside'})")
-    assert ckpt is None, "the corrupted checkpoint was accepted for resuming"
+    first = tmp_path / "ckpt" / "train.stale"
+    assert ckpt is None and not path.exists() and first.read_bytes() == bytes(data)
+
+    _write(path, killed_checkpoint[: len(killed_checkpoint) // 3])
+    assert load_checkpoint(path, good["fingerprint"]) is None
+    second = tmp_path / "ckpt" / "train.stale1"
+    assert first.read_bytes() == bytes(data) and second.read_bytes() == killed_checkpoint[: len(killed_checkpoint) // 3]
+    fault_log.record(AREA, f"one byte flipped inside tensor `{name}` of a valid train checkpoint (epoch {good['epoch']}), "
+                           "which torch.load still reads, with the right fingerprint; then train's load_checkpoint "
+                           "(what the stage calls to resume); then a second, truncated checkpoint",
+                     f"refused: sha256 mismatch, not resumed from, set aside as {first.name}; the second set aside as "
+                     f"{second.name}, the first kept")
 
 
 def _write(path, data: bytes):
