@@ -103,6 +103,8 @@ def test_sigint_and_sigterm_during_train_under_dvc_repro(baseline_repo, tmp_path
         assert temp_leftovers(repo.path("models"), repo.path("reports"), repo.path("data")) == []
         status = repo.dvc("status")  # DVC is not left locked
         assert "train:" in status.stdout
+        repo.dvc("checkout", "train")  # the previous outputs, from the DVC cache, as dvc.lock still names them
+        assert repo.path("models/model.pt").read_bytes() == baseline_repo.path("models/model.pt").read_bytes()
         dvc_line = error_line(out) if sig == signal.SIGINT else f"dvc killed by the signal (exit {rc})"
         fault_log.record(
             AREA, f"{sig.name} to the process group of `dvc repro` (dvc + `python -m pipeline.train`) after epoch "
@@ -110,7 +112,7 @@ def test_sigint_and_sigterm_during_train_under_dvc_repro(baseline_repo, tmp_path
             f"dvc exit {rc} ({dvc_line}); the stage printed '{lines_with(out, message)[0].split(': ', 1)[-1]}'; "
             f"MLflow run {run.info.status}; dvc.lock byte-identical; no models/model.pt, reports/train.json or temp "
             f"files (DVC removes a stage's non-persist outputs before running it); `dvc status` runs (no stale lock), "
-            f"shows train changed")
+            f"shows train changed; `dvc checkout train` restores the previous models/model.pt byte-identical")
 
 
 def test_kill_9_during_prepare_leaves_cache_and_lock_as_they_were(baseline_repo, tmp_path, fault_log):
