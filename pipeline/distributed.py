@@ -5,9 +5,12 @@ checkpoints and outputs; every rank takes its shard of each epoch's shuffled ord
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -35,13 +38,32 @@ def relaunch(nproc: int, module: str, argv: list[str]) -> int:
     """Run `python -m module argv...` as `nproc` torchrun workers on this machine; their exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", module, *argv]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
     try:
         return proc.wait()
     except BaseException:  # Ctrl-C or SIGTERM here: torchrun passes SIGTERM on to its workers
         proc.terminate()
         proc.wait(timeout=60)
         raise
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel send this process SIGTERM when its parent dies. torchrun starts each
+    worker in a session of its own, so a `kill -9` of the stage and torchrun left the workers training
+    on, orphaned: rank 0 finished the run and deleted the checkpoint the re-run should have resumed
+    from (tests/test_ddp.py). SIGTERM, not SIGKILL: rank 0 then marks its MLflow run KILLED."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+
+
+def launcher_alive() -> bool:
+    """Inside a torchrun worker: whether its parent is still torchrun. A launcher that died before
+    die_with_parent() ran (a worker's imports take seconds) sent no signal: the worker was re-parented."""
+    try:
+        cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:  # not Linux: nothing to check
+        return True
+    return b"torchrun" in cmdline or b"torch.distributed.run" in cmdline
 
 
 def init(device: torch.device) -> torch.device:

@@ -307,6 +307,10 @@ def main(params: Params) -> None:
         if code != 0:
             raise PipelineError(f"train under torchrun --nproc_per_node={cfg.nproc} exited {code}")
         return
+    if distributed.launched():
+        distributed.die_with_parent()
+        if not distributed.launcher_alive():
+            raise PipelineError("torchrun, which started this worker, is gone; re-run the train stage")
     try:
         _train(params)
     finally:
@@ -329,7 +333,7 @@ def _train(params: Params) -> None:
     net = prepare_model(net, rt)
     model = net
     if distributed.world_size() > 1:
-        if rt.cuda:  # batch statistics over all GPUs' samples (gloo has no SyncBatchNorm kernels)
+        if rt.cuda:  # batch statistics over all GPUs' samples (SyncBatchNorm refuses CPU modules: ValueError)
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         model = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.cuda else None)
     norm = {"mean": config["mean"], "std": config["std"]}

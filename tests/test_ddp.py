@@ -3,45 +3,116 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
+import pytest
+import torch
 from mlflow import MlflowClient
+
+from conftest import Project
+from test_train import EPOCH_METRICS
 
 FAST = dict(prepare__image_size=12, train__hidden_units=12, train__epochs=6, train__patience=10,
             train__batch_size=32)
 
 
-def trained(project, nproc: int):
+def new_project(root, mlflow_template, nproc: int) -> Project:
+    root.mkdir(parents=True)
+    shutil.copy(mlflow_template, root / "mlflow.db")
+    (root / "project").mkdir()
+    project = Project(root / "project", root / "mlflow.db")
     project.set(**FAST, train__nproc=nproc)
     project.run("fetch_data")
     project.run("prepare")
-    proc = project.run("train", timeout=600)
-    summary = json.loads(project.path("reports/train.json").read_text())
-    history = pd.read_csv(project.path("reports/train_history.csv"))
-    return proc, summary, history
+    return project
 
 
-def test_two_processes_log_one_run_with_global_metrics(project, tmp_path, mlflow_template):
-    proc, summary, history = trained(project, nproc=2)
-    assert proc.stderr.count("epoch 1/6") == 1  # rank 0 alone reports
-    assert len(history) == 6 and project.path("models/model.pt").exists()
+def results(project) -> dict:
+    return {"summary": json.loads(project.path("reports/train.json").read_text()),
+            "history": pd.read_csv(project.path("reports/train_history.csv")),
+            "model": torch.load(project.path("models/model.pt"), map_location="cpu", weights_only=True)}
+
+
+def the_run(project):
     client = MlflowClient(tracking_uri=project.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])
-    assert len(runs) == 1  # one run, from rank 0
-    run = runs[0]
-    assert run.info.run_id == summary["run_id"] and run.info.status == "FINISHED"
+    (run,) = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])  # one run
+    return client, run
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory, mlflow_template):
+    """An uninterrupted 2-process train: its project, stderr and results."""
+    project = new_project(tmp_path_factory.mktemp("ddp") / "two", mlflow_template, nproc=2)
+    proc = project.run("train", timeout=600)
+    return project, proc.stderr, results(project)
+
+
+def test_two_processes_log_one_run_with_global_metrics(ddp_reference, tmp_path, mlflow_template):
+    project, stderr, two = ddp_reference
+    assert stderr.count("epoch 1/6") == 1  # rank 0 alone reports
+    assert len(two["history"]) == 6
+    client, run = the_run(project)  # one run, from rank 0
+    assert run.info.run_id == two["summary"]["run_id"] and run.info.status == "FINISHED"
     assert run.data.tags["train.processes"] == "2" and run.data.params["train.nproc"] == "2"
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 6
     assert not list(project.path(".checkpoints").glob("*.pt"))
 
     # Accuracy comparable to one process on the same data and params.
-    from conftest import Project
-    import shutil
+    one = new_project(tmp_path / "single", mlflow_template, nproc=1)
+    one.run("train", timeout=600)
+    single = results(one)["summary"]
+    assert two["summary"]["best_val_acc"] > 0.8 and single["best_val_acc"] > 0.8
+    assert abs(two["summary"]["best_val_acc"] - single["best_val_acc"]) < 0.1
 
-    single_db = tmp_path / "single.db"
-    shutil.copy(mlflow_template, single_db)
-    (tmp_path / "single").mkdir()
-    one = Project(tmp_path / "single", single_db)
-    _, single, _ = trained(one, nproc=1)
-    assert summary["best_val_acc"] > 0.8 and single["best_val_acc"] > 0.8
-    assert abs(summary["best_val_acc"] - single["best_val_acc"]) < 0.1
+
+def test_killed_ddp_run_resumes_to_the_same_result(ddp_reference, tmp_path, mlflow_template):
+    """kill -9 of torchrun and both workers after a checkpoint; the re-run resumes under DDP in the same
+    MLflow run and ends where the uninterrupted 2-process run ended."""
+    from pipeline.train import read_checkpoint
+
+    _, _, ref = ddp_reference
+    project = new_project(tmp_path / "killed", mlflow_template, nproc=2)
+    ckpt_path = project.path(".checkpoints/train.pt")
+    log = open(tmp_path / "killed.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project.root, env=project.env(),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, left = time.monotonic() + 300, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            left = read_checkpoint(ckpt_path)
+        except (FileNotFoundError, ValueError):
+            pass
+        if left and left["epoch"] >= 2:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the stage, torchrun and both workers: nothing runs a handler
+    proc.wait()
+    log.seek(0)
+    assert left and 2 <= left["epoch"] < 6, log.read()[-3000:]
+    # torchrun's workers, in sessions of their own, get SIGTERM as their parent dies: rank 0 ends the run
+    # KILLED. Orphaned, they would train on, finish the run and delete the checkpoint.
+    deadline = time.monotonic() + 60
+    while the_run(project)[1].info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = read_checkpoint(ckpt_path)  # the last one written before the kill
+    _, run = the_run(project)
+    assert run.info.status == "KILLED" and run.info.run_id == left["run_id"]
+    assert left["epoch"] < 6
+
+    resumed = project.run("train", timeout=600)
+    assert f"resuming MLflow run {left['run_id']} from epoch {left['epoch']}" in resumed.stderr, resumed.stderr
+    client, run = the_run(project)
+    assert run.info.run_id == left["run_id"] and run.info.status == "FINISHED"
+    for key in EPOCH_METRICS:  # each epoch logged once, the ones before the kill included
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, 7)), key
+    mine = results(project)
+    pd.testing.assert_frame_equal(mine["history"].drop(columns=["epoch_seconds", "images_per_second"]),
+                                  ref["history"].drop(columns=["epoch_seconds", "images_per_second"]))
+    assert mine["model"]["state_dict"].keys() == ref["model"]["state_dict"].keys()
+    assert all(torch.equal(v, ref["model"]["state_dict"][k]) for k, v in mine["model"]["state_dict"].items())

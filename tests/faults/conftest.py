@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import torch  # imported up front: the first read of a checkpoint must not take seconds
 import yaml
 
 from conftest import REPO, VENV_BIN, make_images, ran_stages, sh
+from pipeline import train  # imported up front (torch, torchvision): the first read of a checkpoint must not take seconds
 
 REPORT = REPO / "reports" / "faults.md"
 AREAS = ("Interruptions", "Bad images", "Malicious archives", "Download faults", "Tracking faults",
@@ -269,10 +269,8 @@ def poll(check, what: str, timeout: float = 120, bg: Background | None = None, i
 
 def read_checkpoint(path: Path) -> dict | None:
     """What train's read_checkpoint reads there (checksum checked), or None: absent or damaged."""
-    from pipeline.train import read_checkpoint as read
-
     try:
-        return read(path)
+        return train.read_checkpoint(path)
     except (FileNotFoundError, ValueError, RuntimeError, EOFError, OSError):
         return None
 
