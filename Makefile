@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install repro retrain sweep server test bench clean
+.PHONY: install repro retrain sweep server test bench bench-scale clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ server: install
 
 bench: install
 	$(PY) -m pipeline.bench
+
+# fetch_data + prepare on a generated zip of 120,000 JPEGs (and 12,000): time and memory
+bench-scale: install
+	$(PY) -m pipeline.bench --scale 120000
 
 test: install
 	$(PY) -m pytest -q tests

@@ -39,6 +39,7 @@ from pipeline.train import load_data, make_optimizer
 from pipeline.transforms import eval_transforms, train_transforms
 
 BENCH_JSON = Path("reports/bench.json")
+SCALE_JSON = Path("reports/bench_scale.json")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -122,25 +123,23 @@ def copy_project(dest: Path) -> None:
         subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)
 
 
-# Runs a module and prints its own peak RSS (VmHWM) at exit. Not getrusage: a child's ru_maxrss
-# keeps the high-water mark of the process it was forked from (this benchmark, with torch loaded).
-_PEAK = ("import atexit, runpy, sys; atexit.register(lambda: print([l for l in open('/proc/self/status') "
-         "if l.startswith('VmHWM')][0].strip(), flush=True)); sys.argv = [sys.argv[1]]; "
-         "runpy.run_module(sys.argv[0], run_name='__main__')")
-
-
-def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float | None]:
-    """(wall seconds, peak RSS in MiB of `python -m X` commands' main process, else None) of one
-    command; fails loudly with its output."""
+def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, dict]:
+    """(wall seconds, memory high-water marks in MiB) of one command; fails loudly with its output.
+    `python -m X` commands run under pipeline.memwatch: {"rss": X's own peak RSS, "tree_anon": peak
+    anonymous memory of X and its child processes}; other commands: {}."""
     if cmd[:2] == [sys.executable, "-m"]:
-        cmd = [sys.executable, "-c", _PEAK, *cmd[2:]]
+        cmd = [sys.executable, "-m", "pipeline.memwatch", *cmd[2:]]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}")
-    peak = [line for line in proc.stdout.splitlines() if line.startswith("VmHWM:")]
-    return seconds, int(peak[-1].split()[1]) / 1024 if peak else None  # VmHWM is in kB
+    marks = {}
+    for line in proc.stdout.splitlines():
+        for key, name in (("VmHWM:", "rss"), ("TreeAnonHWM:", "tree_anon")):
+            if line.startswith(key):
+                marks[name] = int(line.split()[1]) / 1024  # kB
+    return seconds, marks
 
 
 def repro_figures(project: Path) -> dict:
@@ -157,8 +156,8 @@ def repro_figures(project: Path) -> dict:
     train = read_json(project / "reports/train.json")
     metrics = read_json(project / "reports/metrics.json")
     prepared_mib = sum(f.stat().st_size for f in (project / "data/prepared").iterdir()) / 2**20
-    _, prepare_rss = timed([sys.executable, "-m", "pipeline.prepare"], project, env)
-    _, train_rss = timed([sys.executable, "-m", "pipeline.train"], project, env)
+    _, prepare_mem = timed([sys.executable, "-m", "pipeline.prepare"], project, env)
+    _, train_mem = timed([sys.executable, "-m", "pipeline.train"], project, env)
     return {
         "clean_repro_seconds": round(clean, 2), "test_accuracy": round(metrics["accuracy"], 4),
         "noop_repro_seconds": round(noop, 3),
@@ -166,9 +165,82 @@ def repro_figures(project: Path) -> dict:
         "mlflow_logging_seconds": round(train["mlflow_logging_seconds"], 3),
         "mlflow_logging_share_of_train": round(train["mlflow_logging_seconds"] / train["stage_seconds"], 4),
         "mlflow_setup_seconds": round(train["mlflow_setup_seconds"], 3),
-        "prepare_peak_rss_mib": round(prepare_rss, 1), "prepared_output_mib": round(prepared_mib, 2),
-        "train_peak_rss_mib": round(train_rss, 1),  # main processes; prepare's decode workers are small
+        "prepare_peak_rss_mib": round(prepare_mem["rss"], 1), "prepared_output_mib": round(prepared_mib, 2),
+        "prepare_peak_anon_mib_with_workers": round(prepare_mem["tree_anon"], 1),
+        "train_peak_rss_mib": round(train_mem["rss"], 1),
     }
+
+
+def synthetic_zip(path: Path, n: int, size: int = 32, classes: int = 10) -> None:
+    """`n` RGB JPEGs of size x size px in train/<class>/ and test/<class>/ (1 in 10): a colour per
+    class plus noise, written as fast as possible (the decoding under test is prepare's, not this)."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (classes, 1, 1, 3), dtype=np.uint8) // 2
+    noise = rng.integers(0, 128, (101, size, size, 3), dtype=np.uint8)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:  # JPEGs do not compress further
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(base[i % classes] + noise[i % 101]).save(buf, "JPEG", quality=90)
+            split = "test" if (i // classes) % 10 == 9 else "train"
+            zf.writestr(f"{split}/class{i % classes}/{i:07d}.jpg", buf.getvalue())
+
+
+def scale_figures(n: int) -> dict:
+    """fetch_data (download over loopback + extraction) and prepare of a zip of `n` small JPEGs, and of
+    n/10 for comparison: seconds, images/s and memory high-water marks (memory that grows with n would
+    show as a larger peak for n than for n/10)."""
+    import http.server
+    import threading
+    from functools import partial
+
+    import yaml
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "www").mkdir()
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+        handler = partial(Quiet, directory=str(tmp / "www"))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            for count in (n // 10, n):
+                name = f"synthetic-{count}.zip"
+                synthetic_zip(tmp / "www" / name, count)
+                project = tmp / f"project-{count}"
+                project.mkdir()
+                copy_project(project)
+                params = yaml.safe_load((project / "params.yaml").read_text())
+                params["data"]["source"] = f"http://127.0.0.1:{server.server_port}/{name}"
+                params["data"]["sha256"] = None
+                params["prepare"].update(image_size=32, channels=3)
+                (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+                env = {**os.environ, "PYTHONPATH": str(project)}
+                fetch_s, fetch_mem = timed([sys.executable, "-m", "pipeline.fetch_data"], project, env)
+                prepare_s, prepare_mem = timed([sys.executable, "-m", "pipeline.prepare"], project, env)
+                output = sum(f.stat().st_size for f in (project / "data/prepared").iterdir()) / 2**20
+                out[str(count)] = {
+                    "zip_mib": round((tmp / "www" / name).stat().st_size / 2**20, 1),
+                    "fetch_seconds": round(fetch_s, 1), "fetch_peak_rss_mib": round(fetch_mem["rss"], 1),
+                    "fetch_peak_anon_mib": round(fetch_mem["tree_anon"], 1),
+                    "prepare_seconds": round(prepare_s, 1), "prepare_images_per_second": round(count / prepare_s),
+                    "prepare_peak_rss_mib": round(prepare_mem["rss"], 1),
+                    "prepare_peak_anon_mib_with_workers": round(prepare_mem["tree_anon"], 1),
+                    "prepared_output_mib": round(output, 1),
+                }
+                shutil.rmtree(project)
+        finally:
+            server.shutdown()
+    return out
 
 
 def machine() -> dict:
@@ -182,7 +254,15 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per loop measurement (median taken)")
+    parser.add_argument("--scale", type=int, metavar="N",
+                        help="instead: fetch_data and prepare on a generated zip of N JPEGs (and of N/10); "
+                             "writes reports/bench_scale.json")
     args = parser.parse_args(argv)
+    if args.scale:
+        result = {"machine": machine(), "images": scale_figures(args.scale)}
+        write_json(SCALE_JSON, result)
+        print(json.dumps(result, indent=2))
+        return 0
     params = load_params(PARAMS_FILE)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         project = Path(tmp)

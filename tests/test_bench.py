@@ -1,0 +1,55 @@
+"""pipeline.memwatch's memory high-water marks, and `python -m pipeline.bench --scale N` end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from conftest import REPO
+
+# Allocates 200 MiB of heap in a child process, then 50 MiB in its own.
+HOG = """
+import multiprocessing, time
+
+def hog():
+    block = bytearray(200 * 2**20)
+    time.sleep(0.5)
+
+if __name__ == "__main__":
+    p = multiprocessing.get_context("spawn").Process(target=hog)
+    p.start()
+    p.join()
+    block = bytearray(50 * 2**20)
+    time.sleep(0.2)
+"""
+
+
+def marks(stdout: str) -> dict[str, float]:
+    return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in stdout.splitlines()
+            if line.startswith(("VmHWM:", "TreeAnonHWM:"))}
+
+
+def test_memwatch_counts_child_processes(tmp_path):
+    (tmp_path / "hog.py").write_text(HOG)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.memwatch", "hog"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={"PYTHONPATH": f"{REPO}:{tmp_path}", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    m = marks(proc.stdout)
+    assert 200 <= m["TreeAnonHWM"] < 400  # the child's 200 MiB, sampled while it lived
+    assert 50 <= m["VmHWM"] < 200  # the process's own 50 MiB, not its child's
+
+
+def test_bench_scale_reports_fetch_and_prepare(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path)  # bench runs in a project folder, like the stages
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--scale", "3000"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "reports/bench_scale.json").read_text())
+    small, large = result["images"]["300"], result["images"]["3000"]
+    # 32 px RGB uint8 images, all of them in the train, val and test files (+ their CSVs and meta.json)
+    assert 3000 * 32 * 32 * 3 / 2**20 <= large["prepared_output_mib"] < 10
+    for figures in (small, large):
+        assert figures["prepare_images_per_second"] > 0 and figures["fetch_seconds"] > 0
+        assert 10 < figures["prepare_peak_anon_mib_with_workers"] < 1000
