@@ -18,7 +18,7 @@ import yaml
 
 PARAMS_FILE = "params.yaml"
 
-AUGMENTATIONS = ("flip", "crop", "trivialaugment")
+AUGMENTATIONS = ("flip", "crop", "resized_crop", "trivialaugment")  # kept in sync with transforms.AUGMENTS
 # The keys of pipeline.models.MODELS (which checks it matches), here so that validating params does
 # not import torch: fetch_data and prepare stay light (prepare's peak memory is the benchmark's).
 MODEL_NAMES = ("tinyvgg", "vgg11_bn", "vgg16", "vgg16_bn", "resnet18", "efficientnet_b0",

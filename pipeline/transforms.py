@@ -18,6 +18,8 @@ import torch.nn.functional as F
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 CROP_PAD = 4 / 32  # random-crop padding as a fraction of the image side (4 px at 32 px, as CIFAR recipes)
+RESIZED_CROP_SCALE = (0.35, 1.0)  # share of the image's area a resized crop keeps
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # its aspect ratio (torchvision's RandomResizedCrop default)
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ def eval_transforms(mean, std) -> Transform:
 
 
 def train_transforms(mean, std, augment: tuple[str, ...], generator: torch.Generator) -> Transform:
-    """Random augmentations from `augment` (flip, crop, trivialaugment), then normalisation.
+    """Random augmentations from `augment` (AUGMENTS' names, applied in that order), then normalisation.
     Random numbers come from `generator` (on the CPU), so a seeded run is reproducible and a resumed
     run continues the same sequence."""
     norm = Norm(tuple(mean), tuple(std))
@@ -80,6 +82,25 @@ def crop(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return padded.gather(3, cols)
 
 
+def resized_crop(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """torchvision's RandomResizedCrop on a batch: each image is cut to a random window of
+    RESIZED_CROP_SCALE of its area and RESIZED_CROP_RATIO aspect, then scaled back to full size
+    (bilinear; one affine grid_sample for the batch). The window always lies inside the image."""
+    n, device = len(x), x.device
+    lo, hi = RESIZED_CROP_SCALE
+    area = lo + (hi - lo) * torch.rand(n, generator=g)
+    log_lo, log_hi = math.log(RESIZED_CROP_RATIO[0]), math.log(RESIZED_CROP_RATIO[1])
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=g))
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)  # the window's width and height as fractions
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    tx = (1 - sx) * (torch.rand(n, generator=g) * 2 - 1)  # its centre, in -1..1 grid units
+    ty = (1 - sy) * (torch.rand(n, generator=g) * 2 - 1)
+    zero = torch.zeros(n)
+    theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1).to(device, x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False).clamp_(0, 1)
+
+
 def trivialaugment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """TrivialAugment-style: each image gets one op, drawn uniformly, at a uniform random strength.
 
@@ -108,4 +129,4 @@ def trivialaugment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x * brightness).clamp_(0, 1)
 
 
-AUGMENTS = {"flip": flip, "crop": crop, "trivialaugment": trivialaugment}
+AUGMENTS = {"flip": flip, "crop": crop, "resized_crop": resized_crop, "trivialaugment": trivialaugment}

@@ -91,7 +91,7 @@ BAD_VALUES = [
     ("train.scheduler", "step", ["cosine", "onecycle"]),
     ("train.precision", "int8", ["bf16", "fp16"]),
     ("train.monitor", "loss", ["val_loss", "val_acc"]),
-    ("train.augment", ["flip", "rotate"], ["flip, crop, trivialaugment"]),
+    ("train.augment", ["flip", "rotate"], ["flip, crop, resized_crop, trivialaugment"]),
     ("train.augment", "flip", ["a list"]),
     ("train.batch_norm", "yes", ["a bool"]),
     ("train.epochs", 0, ["[1, "]),

@@ -3,10 +3,13 @@ seeded generator, and they really change images."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from pipeline.transforms import AUGMENTS, crop, eval_transforms, flip, to_float, train_transforms
+from pipeline.config import AUGMENTATIONS
+from pipeline.transforms import AUGMENTS, crop, eval_transforms, flip, resized_crop, to_float, train_transforms
 
 
 def batch(n: int = 16, channels: int = 3, size: int = 12, seed: int = 0) -> torch.Tensor:
@@ -20,7 +23,8 @@ def gen(seed: int) -> torch.Generator:
 
 
 def test_the_augmentations_are_the_configured_ones():
-    assert sorted(AUGMENTS) == ["crop", "flip", "trivialaugment"]
+    assert sorted(AUGMENTS) == ["crop", "flip", "resized_crop", "trivialaugment"]
+    assert set(AUGMENTS) == set(AUGMENTATIONS)  # what params.yaml accepts
 
 
 @pytest.mark.parametrize("name", sorted(AUGMENTS))
@@ -49,7 +53,7 @@ def test_augmentation_changes_images_but_not_all_the_same_way(name):
     # (trivialaugment's identity op still resamples: equal up to float rounding)
     changed = [not torch.allclose(out[i], x[i], atol=1e-5) for i in range(len(x))]
     assert sum(changed) >= len(x) // 4  # a real share of the batch is changed
-    if name != "crop":  # crop moves almost every image; flip and trivialaugment leave some as they are
+    if name not in ("crop", "resized_crop"):  # these move almost every image; flip and trivialaugment leave some
         assert not all(changed)
 
 
@@ -71,6 +75,25 @@ def test_crop_is_a_shift_of_the_image_filled_with_zeros():
         windows = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
                    if torch.equal(padded[:, dy:dy + 16, dx:dx + 16], out[i])]
         assert windows, f"image {i} is not a shifted window of its padded original"
+
+
+def test_resized_crop_is_a_zoomed_window_of_the_image():
+    """A horizontal ramp (pixel value = column) stays a ramp, now over a narrower range of columns:
+    a zoom into a window lying inside the image, of at least RESIZED_CROP_SCALE's area."""
+    size = 32
+    ramp = torch.linspace(0, 1, size).expand(size, size)
+    x = ramp.expand(64, 3, size, size).clone()
+    out = resized_crop(x.clone(), gen(0))
+    widths = []
+    for img in out:
+        row = img[0, size // 2]
+        assert torch.all(row[1:] >= row[:-1] - 1e-6)  # still increasing left to right: no flips, no rotation
+        assert torch.allclose(img[0], img[0, :1].expand(size, size), atol=1e-6)  # every row the same
+        assert row[0] >= -1e-6 and row[-1] <= 1 + 1e-6  # inside the image: no border filled in
+        widths.append(float(row[-1] - row[0]))
+    assert min(widths) < 0.9  # zoomed in
+    assert max(widths) > min(widths) + 0.1  # by different amounts
+    assert min(widths) > math.sqrt(0.35 * 3 / 4) - 0.1  # never narrower than the smallest window
 
 
 def test_train_transforms_augment_then_normalise_and_continue_the_generator():
