@@ -497,36 +497,41 @@ def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True, timeout: float 
     return proc
 
 
-@pytest.fixture
-def repo(tmp_path, mlflow_template):
-    """A git + DVC repo holding this checkout's tracked files, with fast params and a local image
-    folder source under data/sources/. Returns (root, env)."""
-    root = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+def build_repo(root: Path, mlflow_template: Path, fast: dict) -> dict:
+    """A git + DVC repo at `root` holding this checkout's files (tracked ones, and untracked ones git
+    does not ignore: what the next commit would hold), `fast`'s params and a local image-folder source
+    under data/sources/. Returns the environment to run its commands in."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
-        if rel.startswith("tests/") or rel.startswith("dvc.lock"):
+        if rel.startswith("tests/") or rel == "dvc.lock" or not (REPO / rel).is_file():
             continue
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, root / rel)
     for rel in ("pipeline", "params.yaml", "dvc.yaml", "Makefile", ".dvc/config", "data/sources/README.md"):
-        assert (root / rel).exists(), f"{rel} is not tracked in git"
+        assert (root / rel).exists(), f"{rel} is not in the checkout"
     params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in FAST.items():
+    for section, values in fast.items():
         params[section].update(values)
     params["data"]["source"] = "data/sources/images"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     make_images(root / "data/sources/images", per_class=12, size=12)
     shutil.copy(mlflow_template, root / "mlflow.db")
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the repo's own sqlite store
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(root)
-    env.pop("MLFLOW_TRACKING_URI", None)  # the default: the repo's own sqlite store
     env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
     env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.com"
     sh(["git", "init", "-q", "-b", "main"], root, env)
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "init"], root, env)
-    return root, env
+    commit_all(root, env, "init")
+    return env
+
+
+@pytest.fixture
+def repo(tmp_path, mlflow_template):
+    """A temp git + DVC repo (build_repo) with FAST params. Returns (root, env)."""
+    root = tmp_path / "repo"
+    return root, build_repo(root, mlflow_template, FAST)
 
 
 def ran_stages(output: str) -> set[str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, VENV_BIN, make_images, ran_stages, sh
+from conftest import REPO, build_repo, ran_stages, sh
 from pipeline import train  # imported up front (torch, torchvision): the first read of a checkpoint must not take seconds
 
 REPORT = REPO / "reports" / "faults.md"
@@ -313,32 +313,7 @@ class Repo:
 
     @classmethod
     def build(cls, root: Path, mlflow_template: Path) -> "Repo":
-        files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.split()
-        for rel in files:
-            if rel.startswith("tests/") or rel == "dvc.lock" or not (REPO / rel).is_file():
-                continue
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, root / rel)
-        params = yaml.safe_load((root / "params.yaml").read_text())
-        for section, values in FAULT_PARAMS.items():
-            params[section].update(values)
-        params["data"]["source"] = "data/sources/images"
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        make_images(root / "data/sources/images", per_class=12, size=12)
-        shutil.copy(mlflow_template, root / "mlflow.db")
-        env = dict(os.environ)
-        env["PATH"] = f"{VENV_BIN}{os.pathsep}{env['PATH']}"
-        env["PYTHONPATH"] = str(root)
-        for var in list(env):  # the default: the repo's own sqlite store; MLflow's own defaults
-            if var.startswith("MLFLOW_"):
-                env.pop(var)
-        env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
-        env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.com"
-        repo = cls(root, env)
-        repo.git("init", "-q", "-b", "main")
-        repo.commit("init")
-        return repo
+        return cls(root, build_repo(root, mlflow_template, FAULT_PARAMS))
 
     def clone(self, dest: Path) -> "Repo":
         """A copy (git, DVC cache and lock, MLflow store, outputs) to change freely. Its MLflow store
