@@ -6,11 +6,50 @@ import functools
 import logging
 import signal
 import sys
+import time
 from typing import Callable
 
 from pipeline.config import PARAMS_FILE, Params, PipelineError, load_params
 
 log = logging.getLogger("pipeline")
+
+PROGRESS_LOG_S = 10.0  # with no terminal to draw a bar on, a progress line this often
+
+
+def progress(desc: str, total: int | None = None, unit: str = "img"):
+    """A tqdm bar on a terminal. Otherwise (CI, a log file, a queued `dvc exp`), a log line every
+    PROGRESS_LOG_S seconds, so that a long fetch or prepare is not silent for minutes."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False)
+    return _LoggedProgress(desc, total, unit)
+
+
+class _LoggedProgress:
+    """tqdm's update/close/context manager, as periodic log lines."""
+
+    def __init__(self, desc: str, total: int | None, unit: str):
+        self.desc, self.total, self.unit, self.n = desc, total, unit, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_LOG_S:
+            self.last = now
+            scale, unit = (2**20, "MiB") if self.unit == "B" else (1, self.unit)
+            done = f"{self.n / scale:.0f}" + (f"/{self.total / scale:.0f}" if self.total else "")
+            log.info("%s: %s %s, %.0f %s/s", self.desc, done, unit, self.n / scale / (now - self.start), unit)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def parse_overrides(argv: list[str]) -> dict[str, str]:

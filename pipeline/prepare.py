@@ -11,14 +11,12 @@ import csv
 import logging
 import multiprocessing
 import os
-import sys
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from pipeline.cli import run_stage
+from pipeline.cli import progress, run_stage
 from pipeline.config import Params, PipelineError, Prepare
 from pipeline.fetch_data import RAW_DIR, RAW_JSON
 from pipeline.images import decode_or_reason
@@ -85,7 +83,7 @@ def decode_all(rels: list[str], raw_dir: Path, cfg: Prepare, out: Path) -> tuple
     work = partial(decode_or_reason, root=raw_dir, size=cfg.image_size, channels=cfg.channels,
                    max_pixels=cfg.max_image_pixels)
     workers = min(os.cpu_count() or 1, 8) if len(rels) >= 1000 else 1
-    bar = tqdm(total=len(rels), desc="prepare", unit="img", disable=not sys.stderr.isatty())
+    bar = progress("prepare: decode", total=len(rels))
     # spawn, not fork: a forked child can inherit a lock held by another thread of this process
     # (a progress-bar monitor, a BLAS pool) and hang for ever.
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None

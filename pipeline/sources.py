@@ -11,7 +11,6 @@ import lzma
 import os
 import shutil
 import stat
-import sys
 import tarfile
 import urllib.error
 import urllib.parse
@@ -21,8 +20,7 @@ import zlib
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 
-from tqdm import tqdm
-
+from pipeline.cli import progress
 from pipeline.config import Data, PipelineError
 from pipeline.io import CHUNK, atomic_path, sha256_file
 
@@ -114,8 +112,10 @@ def export_torchvision(name: str, root: Path, out: Path) -> None:
         names = [c.replace("/", "_") for c in ds.classes]  # FashionMNIST has "T-shirt/top"
         for c in names:
             (out / split / c).mkdir(parents=True, exist_ok=True)
-        for i in tqdm(range(len(data)), desc=f"export {name} {split}", disable=not sys.stderr.isatty()):
-            Image.fromarray(data[i]).save(out / split / names[targets[i]] / f"{i:05d}.png")
+        with progress(f"export {name} {split}", total=len(data)) as bar:
+            for i in range(len(data)):
+                Image.fromarray(data[i]).save(out / split / names[targets[i]] / f"{i:05d}.png")
+                bar.update()
 
 
 # -- download -------------------------------------------------------------------------------------
@@ -148,8 +148,7 @@ def _stream(url: str, dest: Path, timeout_s: float) -> str:
     with urllib.request.urlopen(req, timeout=timeout_s) as resp, open(dest, "wb") as f:
         total = int(resp.headers.get("Content-Length") or 0) or None
         got = 0
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
-                  disable=not sys.stderr.isatty()) as bar:
+        with progress(f"download {dest.name}", total=total, unit="B") as bar:
             while chunk := resp.read(CHUNK):
                 f.write(chunk)
                 h.update(chunk)
@@ -254,21 +253,24 @@ def _extract_zip(archive: Path, out: Path, cfg: Data) -> None:
             if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise FetchError(f"{archive}: member {info.filename!r} is a special file (not allowed)")
             budget.check_ratio(f"member {info.filename!r}", info.file_size, info.compress_size)
-        for info in tqdm(infos, desc=f"extract {archive.name}", disable=not sys.stderr.isatty()):
-            dest = _member_path(archive, out, info.filename)
-            if dest is not None and info.is_dir():
-                dest.mkdir(parents=True, exist_ok=True)  # an empty class folder is kept (see copy_tree)
-            if dest is None or info.is_dir():
-                continue
-            with zf.open(info) as src:
-                budget.copy(src, dest, info.filename, info.file_size)
+        with progress(f"extract {archive.name}", total=len(infos), unit="files") as bar:
+            for info in infos:
+                bar.update()
+                dest = _member_path(archive, out, info.filename)
+                if dest is not None and info.is_dir():
+                    dest.mkdir(parents=True, exist_ok=True)  # an empty class folder is kept (see copy_tree)
+                if dest is None or info.is_dir():
+                    continue
+                with zf.open(info) as src:
+                    budget.copy(src, dest, info.filename, info.file_size)
 
 
 def _extract_tar(archive: Path, out: Path, cfg: Data) -> None:
     budget = _Budget(archive, cfg)
     packed = archive.stat().st_size
-    with tarfile.open(archive, "r:*") as tf:
+    with tarfile.open(archive, "r:*") as tf, progress(f"extract {archive.name}", unit="files") as bar:
         for m in tf:  # streamed: a tar with millions of members is stopped at the bound
+            bar.update()
             budget.member(m.name)
             dest = _member_path(archive, out, m.name)
             if m.issym() or m.islnk():
@@ -312,12 +314,14 @@ def copy_tree(src: Path, out: Path) -> None:
                     walk(path, rel / entry.name)
                 elif entry.is_file():
                     shutil.copyfile(path, out / rel / entry.name)
+                    bar.update()
                 else:
                     log.warning("skipping %s: not a regular file (broken link?)", path)
             except OSError as e:  # ELOOP and friends: a link cycle that stat itself refuses
                 log.warning("skipping %s: %s", path, e)
 
-    walk(src, Path())
+    with progress(f"copy {src}", unit="files") as bar:
+        walk(src, Path())
 
 
 # -- layout ---------------------------------------------------------------------------------------

@@ -484,3 +484,21 @@ def test_digits_end_to_end(data_project):
             np.testing.assert_array_equal(image[0], expected[i])
     assert total == 1797
     assert out["report"]["images"]["test"] == sum(round(n * 0.2) for n in np.bincount(digits.target))
+
+
+def test_progress_is_logged_without_a_terminal(data_project, caplog, monkeypatch):
+    """Under CI or into a log file (stderr not a terminal), fetch_data's copy and prepare's decoding
+    report progress as log lines, each with a count and a rate."""
+    from pipeline import cli
+
+    monkeypatch.setattr(cli, "PROGRESS_LOG_S", 0.0)  # a line per update, instead of every 10 s
+    with caplog.at_level("INFO", logger="pipeline"):
+        fetch_source(data_project, image_tree)
+        data_project.call(prepare)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline"]
+    total = len(list(data_project.path("data/raw").rglob("*.png")))
+    copied = [line for line in lines if line.startswith("copy data/sources/src: ")]
+    decoded = [line for line in lines if line.startswith("prepare: decode: ")]
+    assert copied[-1].startswith(f"copy data/sources/src: {total} files, ") and copied[-1].endswith(" files/s")
+    assert decoded[0].startswith(f"prepare: decode: 1/{total} img, ")
+    assert decoded[-1].startswith(f"prepare: decode: {total}/{total} img, ") and decoded[-1].endswith(" img/s")
