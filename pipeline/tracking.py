@@ -227,6 +227,21 @@ def end_run(status: str = "FINISHED") -> None:
 
 
 @_timed("setup")
+def end_abandoned_run(run_id: str, why: str) -> None:
+    """Mark KILLED a run that a killed train left RUNNING and that will not be resumed (its
+    checkpoint was set aside), with a tag saying why; otherwise it would show as running for ever."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "abandoned", why)
+            client.set_terminated(run_id, "KILLED")
+    except Exception as e:  # a run deleted meanwhile, or another store: not worth failing train for
+        log.warning("could not mark the abandoned MLflow run %s KILLED: %s", run_id, _first_line(e))
+
+
+@_timed("setup")
 def logged_steps(run_id: str, key: str) -> set[int]:
     from mlflow import MlflowClient
 

@@ -192,9 +192,10 @@ def read_checkpoint(path: Path) -> dict:
 def load_checkpoint(path: Path, fp: str, set_aside: bool = True) -> dict | None:
     """The checkpoint at `path` if it is intact and belongs to this configuration; a foreign or
     damaged one is set aside (renamed *.stale, *.stale1, ...; by rank 0 alone under DDP) rather
-    than used."""
+    than used. The MLflow run of a foreign one, left RUNNING by the kill, is marked KILLED."""
     if not path.exists():
         return None
+    ckpt = None
     try:
         ckpt = read_checkpoint(path)
         ok = ckpt.get("fingerprint") == fp
@@ -206,6 +207,8 @@ def load_checkpoint(path: Path, fp: str, set_aside: bool = True) -> dict | None:
             stale = _free_name(path.with_suffix(".stale"))
             path.replace(stale)
             reason += f"; kept as {stale.name}"
+            if ckpt and ckpt.get("run_id"):
+                tracking.end_abandoned_run(ckpt["run_id"], f"its checkpoint was set aside: {reason}")
         log.warning("not resuming from %s (%s); starting afresh", path, reason)
         return None
     return ckpt

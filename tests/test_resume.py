@@ -52,3 +52,23 @@ def test_killed_run_resumes_in_the_same_mlflow_run_to_the_same_result(train_data
         [[h[key] for key in LEARNED] for h in history(train_reference)]
     assert_same_tensors(model_pt(p)["state_dict"], model_pt(train_reference)["state_dict"])
     assert not ckpt_path.exists()  # removed after success
+
+
+def test_checkpoint_of_other_params_is_set_aside_and_its_run_marked_killed(train_data, tmp_path, mlflow_template):
+    """Killed, then run again with another train.lr: no resume (the checkpoint is set aside as
+    train.stale), a new run trains from epoch 1, and the killed run no longer shows as RUNNING."""
+    p = copy_prepared(train_data, tmp_path, mlflow_template)
+    proc = start_train(p)
+    first = wait_for_checkpoint(p, proc, epoch=1)
+    proc.kill()
+    finish(proc)
+    p.set(train__lr=p.params()["train"]["lr"] / 2)
+
+    again = p.run("train")
+    assert "params or data changed; kept as train.stale" in again.stderr, again.stderr
+    assert "resuming MLflow run" not in again.stderr and f"epoch 1/{TRAIN_FAST['train__epochs']}" in again.stderr
+    assert p.path(".checkpoints/train.stale").exists()
+    old = client(p).get_run(first["run_id"])
+    assert old.info.status == "KILLED" and "checkpoint was set aside" in old.data.tags["abandoned"]
+    (new,) = [r for r in runs(p) if r.info.run_id != first["run_id"]]
+    assert new.info.status == "FINISHED" and new.info.run_id == summary(p)["run_id"]
