@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def rank() -> int:
@@ -64,6 +65,78 @@ def launcher_alive() -> bool:
     except OSError:  # not Linux: nothing to check
         return True
     return b"torchrun" in cmdline or b"torch.distributed.run" in cmdline
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, whose gradient is again the sum over ranks. Synchronous: torch's own
+    torch.distributed.nn.functional.all_reduce (deprecated) aborted a rank at exit now and then."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CPUSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are over all ranks' samples, for DDP on the CPU, where
+    nn.SyncBatchNorm refuses to run ("only work with GPU modules"). Per-channel sums, sums of
+    squares and counts are all-reduced by _AllReduceSum, whose backward sums the gradients over
+    ranks, as nn.SyncBatchNorm's own backward does. Same parameters and buffers as
+    BatchNorm2d, so state dicts load into the plain model. Outside training: plain BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        xf = x.float()  # statistics in fp32 under bf16 autocast
+        local = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)),
+                           xf.new_full((1,), float(x.numel() // c))])
+        total = _AllReduceSum.apply(local)
+        count = total[-1]
+        mean = total[:c] / count
+        var = (total[c:2 * c] / count - mean * mean).clamp(min=0)  # biased, as batch norm normalises
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), count)
+        y = (xf - mean.view(1, c, 1, 1)) * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        self.num_batches_tracked += 1
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        self.running_var.mul_(1 - factor).add_(var * count / (count - 1), alpha=factor)  # unbiased, as BatchNorm2d
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """`module` with every BatchNorm2d replaced by a synchronised one: nn.SyncBatchNorm on CUDA,
+    CPUSyncBatchNorm on the CPU (weights and running statistics kept)."""
+    if any(p.is_cuda for p in module.parameters()):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _convert_cpu(module)
+
+
+def _convert_cpu(module: nn.Module) -> nn.Module:
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            sync.train(child.training)
+            sync.requires_grad_(any(p.requires_grad for p in child.parameters()))
+            setattr(module, name, sync)
+        else:
+            _convert_cpu(child)
+    return module
 
 
 def init(device: torch.device) -> torch.device:

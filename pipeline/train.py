@@ -336,8 +336,7 @@ def _train(params: Params) -> None:
     net = prepare_model(net, rt)
     model = net
     if distributed.world_size() > 1:
-        if rt.cuda:  # batch statistics over all GPUs' samples (SyncBatchNorm refuses CPU modules: ValueError)
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = distributed.convert_sync_batchnorm(net)  # batch statistics over all ranks' samples
         model = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.cuda else None)
     norm = {"mean": config["mean"], "std": config["std"]}
     steps = cfg.epochs * math.ceil(len(distributed.shard(torch.arange(len(data.train_x)))) / cfg.batch_size)

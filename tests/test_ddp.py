@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import Project
+from conftest import REPO, Project
 from test_train import EPOCH_METRICS
 
 FAST = dict(prepare__image_size=12, train__hidden_units=12, train__epochs=6, train__patience=10,
@@ -116,3 +116,53 @@ def test_killed_ddp_run_resumes_to_the_same_result(ddp_reference, tmp_path, mlfl
                                   ref["history"].drop(columns=["epoch_seconds", "images_per_second"]))
     assert mine["model"]["state_dict"].keys() == ref["model"]["state_dict"].keys()
     assert all(torch.equal(v, ref["model"]["state_dict"][k]) for k, v in mine["model"]["state_dict"].items())
+
+
+SYNC_BN_RANK = """
+import sys, torch, torch.distributed as dist
+from pipeline.distributed import convert_sync_batchnorm
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+x, w = torch.randn(12, 3, 5, 5) * 3 + 1, torch.randn(12, 3, 5, 5)  # the full batch and a loss weighting
+half = slice(0, 5) if rank == 0 else slice(5, 12)  # unequal shares: counts must be all-reduced too
+net = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.3)).train())
+net[0].weight.data = torch.tensor([0.5, 1.0, 2.0]); net[0].bias.data = torch.tensor([0.1, -0.2, 0.3])
+xs = x[half].clone().requires_grad_()
+y = net(xs)
+(y * w[half]).sum().backward()
+torch.save({"y": y.detach(), "dx": xs.grad, "dweight": net[0].weight.grad, "dbias": net[0].bias.grad,
+            "running_mean": net[0].running_mean, "running_var": net[0].running_var,
+            "type": type(net[0]).__name__}, sys.argv[1] + f"/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_cpu_sync_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
+    """Two gloo ranks with 5 and 7 of 12 images: outputs, input gradients, summed parameter gradients
+    and running statistics equal plain BatchNorm2d's on all 12 in one process."""
+    import os
+
+    (tmp_path / "rank.py").write_text(SYNC_BN_RANK)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "rank.py"), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["type"] == "CPUSyncBatchNorm"
+
+    torch.manual_seed(0)
+    x, w = torch.randn(12, 3, 5, 5) * 3 + 1, torch.randn(12, 3, 5, 5)
+    bn = torch.nn.BatchNorm2d(3, momentum=0.3).train()
+    bn.weight.data = torch.tensor([0.5, 1.0, 2.0]); bn.bias.data = torch.tensor([0.1, -0.2, 0.3])
+    x.requires_grad_()
+    y = bn(x)
+    (y * w).sum().backward()
+    close = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([r0["y"], r1["y"]]), y.detach(), **close)
+    torch.testing.assert_close(torch.cat([r0["dx"], r1["dx"]]), x.grad, **close)
+    torch.testing.assert_close(r0["dweight"] + r1["dweight"], bn.weight.grad, **close)
+    torch.testing.assert_close(r0["dbias"] + r1["dbias"], bn.bias.grad, **close)
+    for r in (r0, r1):
+        torch.testing.assert_close(r["running_mean"], bn.running_mean, **close)
+        torch.testing.assert_close(r["running_var"], bn.running_var, **close)
