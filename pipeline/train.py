@@ -263,8 +263,8 @@ def fit(cfg: Train, net: nn.Module, frozen: list[nn.Module], data: Splits, norm:
                                   cfg.batch_size, gen, rt, data.num_classes, desc=f"epoch {epoch}")
         metrics.update(evaluate(net, data.val_x, data.val_y, plain, cfg.batch_size * 2, rt, data.num_classes))
         metrics["lr"] = opt.param_groups[0]["lr"]
-        # Rank 0's numbers decide for all ranks (another rank's BN buffers may differ until DDP's
-        # next broadcast), so every rank stops at the same epoch.
+        # Rank 0's numbers decide for all ranks, so every rank stops at the same epoch whatever
+        # rounding differences their own evaluations have.
         metrics = distributed.broadcast_object(metrics)
         if stopper.step(metrics[cfg.monitor], epoch):
             state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}

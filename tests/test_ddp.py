@@ -16,7 +16,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import REPO, Project
-from test_train import EPOCH_METRICS
+from test_train import EPOCH_METRICS, finish, start_train, wait_for_checkpoint
 
 FAST = dict(prepare__image_size=12, train__hidden_units=12, train__epochs=6, train__patience=10,
             train__batch_size=32)
@@ -79,22 +79,11 @@ def test_killed_ddp_run_resumes_to_the_same_result(ddp_reference, tmp_path, mlfl
     _, _, ref = ddp_reference
     project = new_project(tmp_path / "killed", mlflow_template, nproc=2)
     ckpt_path = project.path(".checkpoints/train.pt")
-    log = open(tmp_path / "killed.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project.root, env=project.env(),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline, left = time.monotonic() + 300, None
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            left = read_checkpoint(ckpt_path)
-        except (FileNotFoundError, ValueError):
-            pass
-        if left and left["epoch"] >= 2:
-            break
-        time.sleep(0.01)
+    proc = start_train(project, new_session=True)
+    left = wait_for_checkpoint(project, proc, epoch=2)
     os.killpg(proc.pid, signal.SIGKILL)  # the stage, torchrun and both workers: nothing runs a handler
-    proc.wait()
-    log.seek(0)
-    assert left and 2 <= left["epoch"] < 6, log.read()[-3000:]
+    out = finish(proc)
+    assert 2 <= left["epoch"] < 6, out[-3000:]
     # torchrun's workers, in sessions of their own, get SIGTERM as their parent dies: rank 0 ends the run
     # KILLED. Orphaned, they would train on, finish the run and delete the checkpoint.
     deadline = time.monotonic() + 60
@@ -141,8 +130,6 @@ dist.destroy_process_group()
 def test_cpu_sync_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
     """Two gloo ranks with 5 and 7 of 12 images: outputs, input gradients, summed parameter gradients
     and running statistics equal plain BatchNorm2d's on all 12 in one process."""
-    import os
-
     (tmp_path / "rank.py").write_text(SYNC_BN_RANK)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(tmp_path / "rank.py"), str(tmp_path)], capture_output=True, text=True, timeout=120,

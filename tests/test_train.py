@@ -80,12 +80,13 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
-def start_train(project) -> subprocess.Popen:
+def start_train(project, new_session: bool = False) -> subprocess.Popen:
     """`python -m pipeline.train` in `project`, in the background; its output goes to a file (a pipe
-    nobody reads while it runs could fill up and block it). finish() waits and returns the output."""
+    nobody reads while it runs could fill up and block it). finish() waits and returns the output.
+    `new_session`: in a process group of its own, for os.killpg of the stage and its children."""
     log = open(project.root.parent / f"train-{time.monotonic_ns()}.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project.root, env=project.env(),
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
     proc.log = log
     return proc
 
