@@ -90,7 +90,7 @@ def pipeline_loop(project: Path, params, epochs: int, precision: str | None = No
                                           data.meta["image_size"], hidden_units=cfg.hidden_units,
                                           batch_norm=cfg.batch_norm, dropout=cfg.dropout), rt)
         steps = epochs * -(-len(data.train_x) // cfg.batch_size)
-        opt, sched = make_optimizer(cfg, model, steps, rt)
+        opt, sched = make_optimizer(cfg, model, steps)
         gen = torch.Generator().manual_seed(0)
         augment = train_transforms(data.meta["mean"], data.meta["std"], cfg.augment, gen)
         rates = []

@@ -9,6 +9,7 @@ device and read once per epoch, so there is no per-batch `.item()` sync.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import sys
@@ -27,6 +28,7 @@ from pipeline.transforms import Transform
 
 log = logging.getLogger(__name__)
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters (malloc.h)
 GPU_DATA_FRACTION = 0.5  # keep the uint8 data on the GPU when it takes at most this share of free memory
 
 
@@ -68,6 +70,7 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         dev = torch.device("cpu")
+        keep_freed_memory()
         # the cores, shared among the processes of a DDP run on this machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if precision == "auto":
@@ -80,6 +83,24 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     # channels_last pays on both: tensor cores on CUDA, oneDNN's blocked convolutions on the CPU.
     return Runtime(device=dev, amp_dtype=amp, channels_last=True)
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    PyTorch's CPU allocator caches nothing: every batch mallocs its multi-MiB activations and
+    gradients again. With glibc's defaults many of them are fresh mmaps (or heap tops trimmed on
+    free), so their pages fault in, zeroed, on every batch. Raising the mmap and trim thresholds
+    turns that into reuse. Measured on the 2-core bench machine (TinyVGG on digits, bf16): 1,950-2,030
+    images/s without, 2,340 with; the mmap threshold alone 2,130, the trim threshold alone 1,160 (it
+    also stops glibc from raising its mmap threshold by itself). Peak RSS stays the training step's
+    working set. Process-wide and permanent, so only stages that train or evaluate set it."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return
+    mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from conftest import REPO
 from pipeline.config import PipelineError, load_params
 from pipeline.engine import resolve_runtime, train_one_epoch
-from pipeline.models import MODELS, MinSize, apply_finetune, build_model, resolve_weights, set_train_mode, unwrap
+from pipeline.models import MODELS, MinSize, ReLU, apply_finetune, build_model, resolve_weights, set_train_mode, unwrap
 from pipeline.train import build, make_optimizer
 from pipeline.transforms import eval_transforms
 
@@ -58,6 +58,54 @@ def test_forward_pass_gives_one_row_of_class_scores_per_image(name, size, channe
     assert first.in_channels == channels
 
 
+def with_special_values(dtype: torch.dtype) -> torch.Tensor:
+    """(1, 2, 5, 5) channels_last: +-0, +-inf, +-NaN, +-smallest subnormal, +-largest finite (as bf16
+    bit patterns), then ordinary values."""
+    bits = torch.tensor([0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFC0, 0x0001, 0x8001, 0x7F7F, 0xFF7F])
+    special = torch.where(bits < 0x8000, bits, bits - 0x10000).to(torch.int16).view(torch.bfloat16)
+    rest = torch.randn(40, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = torch.cat([special, rest]).to(dtype).view(1, 2, 5, 5)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_relu_equals_torch_relu_values_and_gradients(dtype):
+    # models.ReLU works on the bits of bf16 CPU tensors: its values must be torch.relu's all the same.
+    x = with_special_values(dtype)
+    assert torch.isnan(x).sum() == 2 and torch.isinf(x).sum() == 2
+    ref_in, ours_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, ours = torch.relu(ref_in * 1), ReLU()(ours_in * 1)  # * 1: in place needs a non-leaf
+    nan = torch.isnan(ref)
+    assert torch.equal(ours[~nan], ref[~nan]) and torch.isnan(ours[nan]).all()
+    assert ours.dtype == dtype and ours.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref.backward(grad)
+    ours.backward(grad)
+    assert torch.equal(ours_in.grad[~nan], ref_in.grad[~nan])
+
+
+def test_tinyvgg_trains_the_same_with_the_bf16_relu():
+    # the whole model under bf16 autocast: outputs and weight gradients equal nn.ReLU's exactly
+    torch.manual_seed(0)
+    ours = build_model("tinyvgg", 3, 1, 8, hidden_units=4, batch_norm=True, dropout=0.0)
+    ref = build_model("tinyvgg", 3, 1, 8, hidden_units=4, batch_norm=True, dropout=0.0)
+    ref.load_state_dict(ours.state_dict())
+    for block in ref.features:
+        for i, layer in enumerate(block):
+            if isinstance(layer, ReLU):
+                block[i] = nn.ReLU(inplace=True)
+    assert sum(isinstance(m, ReLU) for m in ours.modules()) == 4
+    assert not any(isinstance(m, ReLU) for m in ref.modules())
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    for net in (ours, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(x).float().square().sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ours(x), ref(x))
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
 def test_unknown_model_is_an_error_listing_the_choices():
     with pytest.raises(PipelineError) as err:
         small("resnet50", 3, 3, 32)
@@ -95,7 +143,7 @@ def one_epoch(name: str, finetune: str, seed: int = 0):
                                              "train.optimizer": "adamw", "train.lr": "0.01",
                                              "train.weight_decay": "0.1", "train.scheduler": "none"}).train
     rt = resolve_runtime("cpu", "fp32")
-    opt, sched = make_optimizer(cfg, net, 3, rt)
+    opt, sched = make_optimizer(cfg, net, 3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     set_train_mode(net, frozen)
     g = torch.Generator().manual_seed(seed)

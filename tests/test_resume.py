@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from conftest import TRAIN_FAST, copy_prepared
 from pipeline.train import read_checkpoint
 from test_train import (EPOCH_METRICS, LEARNED, assert_same_tensors, client, finish, history, model_pt, runs,
