@@ -45,7 +45,7 @@ class ReLU(nn.Module):
     """nn.ReLU(inplace=True), faster on bf16 CPU tensors (autocast on AVX512-BF16/AMX CPUs): PyTorch's
     bf16 CPU kernels for relu and its backward convert to fp32 and back, while the int16 ones run at
     memory speed. Measured at 64x48x32x32: forward 0.50 -> 0.15 ms, backward 0.44 -> 0.36 ms; TinyVGG
-    training on digits 1,920-2,150 -> 2,340 images/s. Same values as torch.relu (tests/test_models.py)."""
+    training on digits 1,881-1,910 -> 2,058-2,106 images/s. Same values as torch.relu (tests/test_models.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
