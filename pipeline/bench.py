@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         raw = project / "data/raw"
         image_dir = raw / "train" if (raw / "train").is_dir() else raw
         cfg = params.train
+        # The notebook loop first: pipeline_loop's resolve_runtime tunes this process's malloc for
+        # good (engine.keep_freed_memory), and a notebook runs with glibc's defaults.
         nb = notebook_loop(image_dir, params.prepare.image_size, params.prepare.channels, cfg.hidden_units,
                            cfg.batch_norm, cfg.batch_size, cfg.lr, args.epochs)
         pl, eval_rate = pipeline_loop(project, params, args.epochs)
