@@ -275,6 +275,27 @@ def offline(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
 
+class CheckpointWatch:
+    """Reads a train checkpoint each time the file is replaced (atomically, so each version read is
+    whole), for tests that wait for a given epoch while train runs. `read`: the reader to use
+    (train.read_checkpoint, or one that returns None for a damaged file)."""
+
+    def __init__(self, path: Path, read):
+        self.path, self.read, self.seen = path, read, None
+
+    def at_least(self, epoch: int) -> dict | None:
+        """The checkpoint if it is a new version holding epoch >= `epoch`, else None."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        if (st.st_ino, st.st_mtime_ns) == self.seen:
+            return None
+        self.seen = (st.st_ino, st.st_mtime_ns)
+        ckpt = self.read(self.path)
+        return ckpt if ckpt and ckpt["epoch"] >= epoch else None
+
+
 # -- shared by the evaluate, promotion, predict and MLproject tests --------------------------------
 
 import contextlib as _contextlib  # noqa: E402  (appended section)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from conftest import (REPO, TRAIN_FAST, clone_project, copy_prepared, inside_project, make_images, noise_images,
-                      prepared_project)
+from conftest import (REPO, TRAIN_FAST, CheckpointWatch, clone_project, copy_prepared, inside_project, make_images,
+                      noise_images, prepared_project)
 from pipeline.config import PipelineError
 from pipeline.engine import Runtime, evaluate, place, prepare_model, resolve_runtime, train_one_epoch
 from pipeline.models import build_model, load_classifier
@@ -102,21 +102,13 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
 def wait_for_checkpoint(project, proc: subprocess.Popen, epoch: int, timeout: float = 300) -> dict:
     """Poll train.checkpoint_dir/train.pt until it holds epoch >= `epoch` (while `proc` runs) and
     return it. The file is replaced atomically, so each version read is whole."""
-    path = project.path(project.params()["train"]["checkpoint_dir"]) / "train.pt"
-    deadline, seen = time.monotonic() + timeout, None
+    watch = CheckpointWatch(project.path(project.params()["train"]["checkpoint_dir"]) / "train.pt", read_checkpoint)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"train exited {proc.returncode} before epoch {epoch}'s checkpoint:\n{finish(proc)}")
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            time.sleep(0.002)
-            continue
-        if (stat.st_ino, stat.st_mtime_ns) != seen:
-            seen = (stat.st_ino, stat.st_mtime_ns)
-            ckpt = read_checkpoint(path)
-            if ckpt["epoch"] >= epoch:
-                return ckpt
+        if ckpt := watch.at_least(epoch):
+            return ckpt
         time.sleep(0.002)
     proc.kill()
     raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout}s:\n{finish(proc)}")

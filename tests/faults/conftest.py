@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, build_repo, ran_stages, sh
+from conftest import REPO, CheckpointWatch, build_repo, ran_stages, sh
 from pipeline import train  # imported up front (torch, torchvision): the first read of a checkpoint must not take seconds
 
 REPORT = REPO / "reports" / "faults.md"
@@ -276,23 +276,9 @@ def read_checkpoint(path: Path) -> dict | None:
 
 
 def wait_for_checkpoint(repo: "Repo", bg: Background, epoch: int, timeout: float = 180) -> dict:
-    """The train checkpoint once it holds epoch >= `epoch` (it is replaced atomically, so each
-    version read is whole)."""
-    path = repo.checkpoint()
-    seen = [None]
-
-    def check():
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None
-        if (st.st_ino, st.st_mtime_ns) == seen[0]:
-            return None
-        seen[0] = (st.st_ino, st.st_mtime_ns)
-        ckpt = read_checkpoint(path)
-        return ckpt if ckpt and ckpt["epoch"] >= epoch else None
-
-    return poll(check, f"checkpoint of epoch {epoch}", timeout, bg)
+    """The train checkpoint once it holds epoch >= `epoch` (a damaged version read is skipped)."""
+    watch = CheckpointWatch(repo.checkpoint(), read_checkpoint)
+    return poll(lambda: watch.at_least(epoch), f"checkpoint of epoch {epoch}", timeout, bg)
 
 
 # -- temp git + DVC repos -------------------------------------------------------------------------------
