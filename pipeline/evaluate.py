@@ -152,6 +152,10 @@ def main(params: Params) -> None:
         write_json(PROMOTION_JSON, decision)
         if decision["promoted"]:
             tracking.set_champion(params.mlflow.registered_model, decision["new_version"])
+        # Only now, so that no version or run claims a promotion whose alias never moved.
+        tracking.tag_version(params.mlflow.registered_model, decision["new_version"],
+                             {"promoted": decision["promoted"]})
+        tracking.set_tags({"promotion.promoted": decision["promoted"]})
     log.info("test %s %.4f; %s -> %s", cfg.promote_metric, decision["new_score"],
              "promoted to @champion" if decision["promoted"] else "not promoted", decision["reason"])
 
@@ -159,7 +163,8 @@ def main(params: Params) -> None:
 def promote(params: Params, new_score: float, test: Split, classes: list[str], test_hash: str,
             train_info: dict, rt: Runtime) -> dict:
     """Register the run's model and decide whether it becomes @champion (the alias itself moves
-    later, after the outputs are written). Tags the version and the run with the decision."""
+    later, after the outputs are written, and only then are the version and the run tagged
+    `promoted`). Tags the version and the run with the score and the reason."""
     cfg, name = params.evaluate, params.mlflow.registered_model
     version = tracking.register(train_info["model_uri"], name, train_info["run_id"])
     champ, champ_score, how = champion_score(name, cfg.promote_metric, test_hash, test, classes,
@@ -171,9 +176,8 @@ def promote(params: Params, new_score: float, test: Split, classes: list[str], t
     else:
         promoted, reason = decide(new_score, champ_score, cfg.promote_min_delta, cfg.promote_metric)
     tracking.tag_version(name, version.version, {f"test_{cfg.promote_metric}": new_score,
-                                                 "test_data_hash": test_hash, "promoted": promoted,
-                                                 "promotion_reason": reason})
-    tracking.set_tags({"promotion.promoted": promoted, "promotion.reason": reason,
+                                                 "test_data_hash": test_hash, "promotion_reason": reason})
+    tracking.set_tags({"promotion.reason": reason,
                        "registered_model_version": version.version})
     return {
         "promoted": promoted, "reason": reason, "metric": cfg.promote_metric,

@@ -195,6 +195,10 @@ def test_evaluation_failing_after_registration_leaves_the_alias(eval_trained, tm
     run = client.get_run(train["run_id"])
     assert run.info.status == "FAILED"
     assert "test_accuracy" in run.data.metrics  # it got that far
+    # No record claims a promotion that did not happen: `promoted` is tagged after the alias moves.
+    assert "beats champion" in run.data.tags["promotion.reason"]  # it decided to promote
+    assert "promotion.promoted" not in run.data.tags
+    assert "promoted" not in client.get_model_version(NAME, str(champ + 1)).tags
     assert blocker.is_dir() and (blocker / "keep").exists()
     assert project.path("reports/metrics.json").exists()
 
