@@ -273,6 +273,21 @@ def test_a_cpu_runtime_keeps_freed_memory_for_the_next_batch():
     assert returned_mib("cpu") < 4
 
 
+WARM_UP = """
+import sys, threading
+from pipeline import tracking
+tracking.warm_up()
+next(t for t in threading.enumerate() if t.name == "mlflow-warm-up").join()
+print("mlflow.pyfunc" in sys.modules)
+"""
+
+
+def test_the_mlflow_warm_up_imports_what_log_model_would_load_on_the_spot():
+    # tracking.warm_up runs in a thread while training: log_model then finds mlflow.pyfunc loaded.
+    out = subprocess.run([sys.executable, "-c", WARM_UP], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
 def toy_epoch(rt: Runtime, seed: int = 0):
     """One epoch of a small TinyVGG on random 8-px data under `rt`; returns (net, before, metrics)."""
     torch.manual_seed(seed)
