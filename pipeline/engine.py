@@ -76,7 +76,8 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:  # measured: bf16 autocast ~1.7x fp32 (2.4x with channels_last) with AVX512-BF16/AMX
+        else:  # measured: bf16 autocast ~1.7x fp32 (2.4x with channels_last) with AMX, and
+            # ~1.75x (2.1-2.3x) on an AMD EPYC with AVX512-BF16 and no AMX
             precision = "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and dev.type == "cpu":
         raise PipelineError("train.precision=fp16 needs CUDA; use fp32 or bf16 on the CPU")
@@ -91,7 +92,7 @@ def keep_freed_memory() -> None:
     PyTorch's CPU allocator caches nothing: every batch mallocs its multi-MiB activations and
     gradients again. With glibc's defaults many of them are fresh mmaps (or heap tops trimmed on
     free), so their pages fault in, zeroed, on every batch. Raising the mmap and trim thresholds
-    turns that into reuse. Measured on the 2-core bench machine (TinyVGG on digits, bf16, interleaved
+    turns that into reuse. Measured on the 2-core Intel bench machine (TinyVGG on digits, bf16, interleaved
     runs): 1,783-1,854 images/s without, 2,058-2,106 with. In an earlier, faster hour: both settings
     2,300-2,400, the mmap threshold alone 2,130, the trim threshold alone 1,160 (setting it also stops
     glibc from raising its mmap threshold by itself). Peak RSS stays the training step's working set.
