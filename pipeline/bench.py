@@ -11,12 +11,17 @@ outputs and MLflow store are left alone):
 3. wall time of a no-op `dvc repro`;
 4. MLflow's share of the train stage's wall time;
 5. peak RSS of prepare and of train (and prepare's output size);
-6. evaluation images/s.
+6. evaluation images/s;
+7. the loop's ceiling: the model's convolutions alone, forward and backward at one batch's shapes,
+   against a large matrix product on the same CPU (what the convolutions could run at), in the
+   pipeline's precision and in fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -77,18 +82,13 @@ def notebook_loop(image_dir: Path, size: int, channels: int, hidden: int, batch_
 def pipeline_loop(project: Path, params, epochs: int, precision: str | None = None,
                   channels_last: bool | None = None) -> tuple[list[float], float]:
     """images/s per epoch of pipeline.engine on the prepared cache, and evaluation images/s."""
-    cwd = os.getcwd()
-    os.chdir(project)
-    try:
+    with contextlib.chdir(project):  # load_data reads data/prepared/ relative to it
         rt = resolve_runtime(params.base.device, precision or params.train.precision)
         if channels_last is not None:
-            rt = type(rt)(rt.device, rt.amp_dtype, channels_last)
+            rt = dataclasses.replace(rt, channels_last=channels_last)
         data = load_data(rt)
         cfg = params.train
-        torch.manual_seed(0)
-        model = prepare_model(build_model("tinyvgg", data.num_classes, data.meta["channels"],
-                                          data.meta["image_size"], hidden_units=cfg.hidden_units,
-                                          batch_norm=cfg.batch_norm, dropout=cfg.dropout), rt)
+        model = _tinyvgg(data, cfg, rt)
         steps = epochs * -(-len(data.train_x) // cfg.batch_size)
         opt, sched = make_optimizer(cfg, model, steps)
         gen = torch.Generator().manual_seed(0)
@@ -105,8 +105,84 @@ def pipeline_loop(project: Path, params, epochs: int, precision: str | None = No
         start = time.perf_counter()
         evaluate(model, images, labels, plain, params.evaluate.batch_size, rt, data.num_classes)
         return rates, len(images) / (time.perf_counter() - start)
+
+
+def _tinyvgg(data, cfg, rt) -> nn.Module:
+    torch.manual_seed(0)
+    return prepare_model(build_model("tinyvgg", data.num_classes, data.meta["channels"], data.meta["image_size"],
+                                     hidden_units=cfg.hidden_units, batch_norm=cfg.batch_norm,
+                                     dropout=cfg.dropout), rt)
+
+
+def ceilings(project: Path, params) -> dict:
+    """conv_ceiling of the TinyVGG on one training batch: in the pipeline's runtime, and in fp32 NCHW
+    as the notebook runs it."""
+    with contextlib.chdir(project):
+        rt = resolve_runtime(params.base.device, params.train.precision)
+        data = load_data(rt)
+        batch = data.train_x[:params.train.batch_size].to(rt.device).float()
+        notebook_rt = dataclasses.replace(rt, amp_dtype=None, channels_last=False)
+        return {"pipeline": conv_ceiling(_tinyvgg(data, params.train, rt), batch, rt),
+                "notebook_fp32": conv_ceiling(_tinyvgg(data, params.train, notebook_rt), batch, notebook_rt)}
+
+
+def _rate(step, repeats: int, rt) -> float:
+    """Seconds per call of `step`, after warm-up calls (oneDNN and cuDNN pick and cache their kernels)."""
+    sync = torch.cuda.synchronize if rt.cuda else (lambda: None)
+    for _ in range(3):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def conv_ceiling(model: nn.Module, batch: torch.Tensor, rt, repeats: int = 10) -> dict:
+    """The model's Conv2d layers alone, forward and backward, at the input shapes `batch` gives them,
+    under `rt`'s precision and layout: if every other op took no time, the training loop would run at
+    conv_only_images_per_second. GFLOP/s are set against a 2048^3 matrix product in the same dtype,
+    which is about as fast as the device multiplies. The first conv's input is data and gets no gradient."""
+    inputs: list[tuple[nn.Conv2d, torch.Size]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0].shape)))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad(), rt.autocast():
+            model(batch)
     finally:
-        os.chdir(cwd)
+        for h in hooks:
+            h.remove()
+    dtype = rt.amp_dtype or torch.float32
+    layout = torch.channels_last if rt.channels_last else torch.contiguous_format
+    flops, steps = 0, []
+    for i, (conv, shape) in enumerate(inputs):
+        x = torch.randn(shape, device=rt.device, dtype=torch.float32 if i == 0 else dtype)
+        x = x.contiguous(memory_format=layout).requires_grad_(i > 0)
+        w = conv.weight.detach().clone().requires_grad_()
+        b = None if conv.bias is None else conv.bias.detach().clone().requires_grad_()
+        with rt.autocast():
+            out = conv._conv_forward(x, w, b)
+        grad = torch.randn_like(out)
+        per_output = w[0].numel() * 2  # multiply-adds per output element, as FLOPs
+        flops += out.numel() * per_output * (3 if i > 0 else 2)  # forward, weight grad, input grad
+
+        def step(x=x, w=w, b=b, grad=grad, conv=conv):
+            with rt.autocast():
+                out = conv._conv_forward(x, w, b)
+            out.backward(grad)
+            x.grad = w.grad = None  # as zero_grad(set_to_none=True): no accumulation the loop does not do
+            if b is not None:
+                b.grad = None
+        steps.append(step)
+    seconds = _rate(lambda: [s() for s in steps], repeats, rt)
+    a = torch.randn(2048, 2048, device=rt.device, dtype=dtype)
+    matmul = 2 * 2048 ** 3 / _rate(lambda: torch.mm(a, a), repeats, rt)
+    return {"conv_only_images_per_second": round(len(batch) / seconds, 1),
+            "conv_gflop_per_batch": round(flops / 1e9, 6),
+            "conv_gflops_per_second": round(flops / seconds / 1e9, 1),
+            "matmul_gflops_per_second": round(matmul / 1e9, 1),
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def copy_project(dest: Path) -> None:
@@ -286,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
                           "speedup": round(statistics.median(pl) / statistics.median(nb), 2),
                           "epochs_measured": args.epochs}
         result["evaluate_images_per_second"] = round(eval_rate, 1)
+        ceiling = ceilings(project, params)
+        ceiling["ceiling_speedup"] = round(ceiling["pipeline"]["conv_only_images_per_second"]
+                                           / statistics.median(nb), 2)
+        result["ceiling"] = ceiling
         if torch.cuda.is_available():
             variants = {}
             for name, precision, cl in (("fp32", "fp32", False), ("fp32+channels_last", "fp32", True),

@@ -1,4 +1,5 @@
-"""pipeline.memwatch's memory high-water marks, and `python -m pipeline.bench --scale N` end to end."""
+"""pipeline.memwatch's memory high-water marks, `python -m pipeline.bench --scale N` end to end, and the
+loop ceiling's count of convolution FLOPs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import shutil
 import subprocess
 import sys
 
+import torch
 from conftest import REPO
+
+from pipeline.bench import conv_ceiling
+from pipeline.engine import Runtime
+from pipeline.models import build_model
 
 # Allocates 200 MiB of heap in a child process, then 50 MiB in its own.
 HOG = """
@@ -53,3 +59,16 @@ def test_bench_scale_reports_fetch_and_prepare(tmp_path):
     for figures in (small, large):
         assert figures["prepare_images_per_second"] > 0 and figures["fetch_seconds"] > 0
         assert 10 < figures["prepare_peak_anon_mib_with_workers"] < 1000
+
+
+def test_conv_ceiling_counts_every_convolution_of_the_model():
+    model = build_model("tinyvgg", 10, 1, 16, hidden_units=8, batch_norm=True, dropout=0.0)
+    rt = Runtime(torch.device("cpu"), None, False)
+    result = conv_ceiling(model, torch.rand(4, 1, 16, 16), rt, repeats=1)
+    # 4 images; outputs of 8 channels at 16x16 (two convs) and 8x8 (two); 2 FLOPs per multiply-add.
+    # The first conv (1 input channel) has no input gradient: forward + weight gradient only.
+    first = 4 * 8 * 16 * 16 * (1 * 9) * 2 * 2
+    rest = 4 * 8 * (16 * 16 + 2 * 8 * 8) * (8 * 9) * 2 * 3
+    assert result["conv_gflop_per_batch"] == round((first + rest) / 1e9, 6)
+    assert result["conv_only_images_per_second"] > 0 and result["matmul_gflops_per_second"] > 0
+    assert result["dtype"] == "float32"
