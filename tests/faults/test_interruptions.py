@@ -127,7 +127,7 @@ def test_kill_9_during_prepare_leaves_cache_and_lock_as_they_were(baseline_repo,
         for npy in repo.path("data").glob(".prepared.tmp-*/all.npy"):
             try:
                 rows = np.load(npy, mmap_mode="r")
-            except (ValueError, OSError):
+            except (ValueError, OSError, EOFError):  # EOFError: open_memmap has created the file, not yet its header
                 return None
             done = int((rows.reshape(len(rows), -1).max(axis=1) > 0).sum())
             return (done, len(rows)) if 0 < done < len(rows) else None
