@@ -123,7 +123,9 @@ def test_stage_fails_fast_when_server_is_down(project):
     proc = project.run("train", check=False)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
-    assert elapsed < 10, f"took {elapsed:.1f}s"
+    # Starting Python and importing torch and mlflow alone takes 5-10 s on a 2-core machine; what this
+    # guards against is MLflow's own retries, which take minutes.
+    assert elapsed < 60, f"took {elapsed:.1f}s"
     assert down in proc.stderr and "unreachable" in proc.stderr
     assert "epoch 1" not in proc.stderr  # failed before any training
     assert not project.path("models/model.pt").exists()

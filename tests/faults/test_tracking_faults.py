@@ -98,7 +98,9 @@ def test_tracking_server_down_at_start_fails_fast(baseline_repo, tmp_path, fault
     elapsed = time.monotonic() - start
     line = error_line(proc.stderr)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert elapsed < 10, f"took {elapsed:.1f}s"
+    # Starting Python and importing torch and mlflow alone takes 5-10 s on a 2-core machine; what this
+    # guards against is MLflow's own retries, which take minutes.
+    assert elapsed < 60, f"took {elapsed:.1f}s"
     assert down in line and "unreachable" in line
     assert "epoch 1/" not in proc.stderr  # before any training
     assert repo.path("models/model.pt").read_bytes() == model and not repo.checkpoint().exists()
