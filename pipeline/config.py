@@ -225,6 +225,9 @@ def _build(cls, raw, prefix: str):
     return obj
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(key: str, hint, value):
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -244,6 +247,8 @@ def _coerce(key: str, hint, value):
         return tuple(_coerce(key, args[0], v) for v in value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `lr: 3e-4` as text: it wants `3.0e-4`; ML configs write 3e-4
     if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
         _fail(key, value, f"a {hint.__name__}")
     return value

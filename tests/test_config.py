@@ -186,6 +186,20 @@ def test_missing_file(tmp_path):
         load_params(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("text,expected", [("3e-4", 3e-4), ("1E-9", 1e-9), ("5e-1", 0.5), ("+1e-2", 0.01)])
+def test_float_in_exponent_notation_is_a_float(tmp_path, text, expected):
+    """PyYAML (YAML 1.1) reads `1e-9` without a dot as a string; a float key takes it as the number."""
+    assert yaml.safe_load(f"lr: {text}")["lr"] == text  # the YAML quirk itself
+    text_file = (REPO / "params.yaml").read_text().replace("weight_decay: ", f"weight_decay: {text} #")
+    path = write_params(tmp_path, text_file)
+    assert load_params(path).train.weight_decay == expected
+    assert load_params(write_params(tmp_path, repo_params()), {"train.lr": text}).train.lr == expected
+    with pytest.raises(ConfigError, match=r"^train.lr: invalid value '1e-9x'; allowed: a float"):
+        load_params(path, {"train.lr": "1e-9x"})
+    with pytest.raises(ConfigError, match=r"^train.epochs: invalid value '1e3'; allowed: a int"):
+        load_params(path, {"train.epochs": "1e3"})  # int keys stay strict
+
+
 def test_overrides_are_yaml_values_and_validated(tmp_path):
     path = write_params(tmp_path, repo_params())
     params = load_params(path, {"prepare.image_size": "16", "train.augment": "[flip, crop]", "data.sha256": "null"})
