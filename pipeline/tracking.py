@@ -88,6 +88,9 @@ def tracking_uri() -> str:
             or f"sqlite:///{project_root() / 'mlflow.db'}?timeout={SQLITE_BUSY_TIMEOUT_S}")
 
 
+_experiment = {"id": None, "name": None}  # set by configure: the experiment the stage's runs go to
+
+
 @_timed("setup")
 def configure(experiment: str) -> str:
     """Point MLflow at the tracking URI and experiment; fail fast, naming the URI, when a server is
@@ -105,7 +108,7 @@ def configure(experiment: str) -> str:
         # Default experiment, and resuming it failed ("active experiment ID does not match").
         if mlflow.get_experiment_by_name(experiment) is None:
             _create_experiment(experiment, local=uri.startswith("sqlite:"))
-        mlflow.set_experiment(experiment)
+        _experiment.update(id=mlflow.set_experiment(experiment).experiment_id, name=experiment)
     except Exception as e:  # MLflow raises its own and requests' errors; all mean the same here
         raise PipelineError(f"MLflow tracking at {uri}: cannot set experiment {experiment!r}: {e}") from e
     return uri
@@ -222,7 +225,27 @@ def start_run(run_id: str | None, run_name: str | None = None):
     """Start a new run, or reopen `run_id` (a resumed train, or evaluate completing train's run)."""
     import mlflow
 
+    if run_id is None:
+        _leave_foreign_env_run()
     return mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+
+
+def _leave_foreign_env_run() -> None:
+    """`mlflow run` starts a run and hands it to the command in MLFLOW_RUN_ID, and a new run of the
+    stage logs into it. MLflow allows that only within the active experiment. Without
+    `mlflow run --experiment-name <ours>`, that run is in MLflow's Default experiment and MLflow
+    refused to start ("active experiment ID does not match environment run ID"). So the stage starts
+    its own run in its experiment and says so."""
+    import mlflow
+
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if not env_run or _experiment["id"] is None:
+        return
+    if mlflow.get_run(env_run).info.experiment_id != _experiment["id"]:
+        log.warning("MLFLOW_RUN_ID %s (set by `mlflow run`) is in another experiment: this stage logs to a new "
+                    "run in %r (`mlflow run --experiment-name %s` would log into that run)",
+                    env_run, _experiment["name"], _experiment["name"])
+        del os.environ["MLFLOW_RUN_ID"]
 
 
 @_timed("setup")

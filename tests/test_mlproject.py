@@ -46,11 +46,9 @@ def test_mlproject_entry_points():
         assert "parameters" not in entries[stage]  # params.yaml holds every default
 
 
-def test_mlflow_run_evaluate_entry_point(eval_trained, tmp_path):
-    """`mlflow run . -e evaluate --env-manager local -P ...` in a git copy of the repo holding what
-    the earlier stages produced: the train run gets its test metrics, and -P reaches the stage."""
-    from mlflow import MlflowClient
-
+def mlflow_project(eval_trained, tmp_path) -> tuple[Path, str, dict]:
+    """A git copy of the repo holding what fetch_data, prepare and train produced, a copy of their
+    MLflow store, and the environment `mlflow run` gets there: (repo, tracking URI, env)."""
     repo = tmp_path / "repo"
     tracked = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True,
                              check=True).stdout.splitlines()
@@ -78,6 +76,15 @@ def test_mlflow_run_evaluate_entry_point(eval_trained, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "PYTHONPATH"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = uri
+    return repo, uri, env
+
+
+def test_mlflow_run_evaluate_entry_point(eval_trained, tmp_path):
+    """`mlflow run . -e evaluate --env-manager local -P ...` in a git copy of the repo holding what
+    the earlier stages produced: the train run gets its test metrics, and -P reaches the stage."""
+    from mlflow import MlflowClient
+
+    repo, uri, env = mlflow_project(eval_trained, tmp_path)
     proc = subprocess.run(["mlflow", "run", ".", "-e", "evaluate", "--env-manager", "local",
                            "-P", "evaluate.promote_min_delta=0.25"],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
@@ -95,3 +102,29 @@ def test_mlflow_run_evaluate_entry_point(eval_trained, tmp_path):
     # the train run before this had no test metrics: they came from this evaluate
     before = MlflowClient(tracking_uri=eval_trained.tracking_uri).get_run(train["run_id"])
     assert "test_accuracy" not in before.data.metrics
+
+
+@pytest.mark.parametrize("experiment_flag", [[], ["--experiment-name", "image-classifier"]], ids=["default", "named"])
+def test_mlflow_run_train_entry_point(eval_trained, tmp_path, experiment_flag):
+    """`mlflow run . -e train -P ...` starts a run in MLflow's Default experiment and hands it over in
+    MLFLOW_RUN_ID. Without --experiment-name, train logs to a new run in the pipeline's experiment
+    (MLflow refused to resume a run of another experiment); with it, train logs into that run."""
+    from mlflow import MlflowClient
+
+    repo, uri, env = mlflow_project(eval_trained, tmp_path)
+    proc = subprocess.run(["mlflow", "run", ".", "-e", "train", "--env-manager", "local", *experiment_flag,
+                           "-P", "train.epochs=1"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    train = json.loads((repo / "reports/train.json").read_text())
+    run = client.get_run(train["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "1"
+    assert run.info.experiment_id == client.get_experiment_by_name("image-classifier").experiment_id
+    wrapper = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+               if r.data.tags.get("mlflow.project.entryPoint") == "train"]
+    assert len(wrapper) == 1
+    if experiment_flag:
+        assert wrapper[0].info.run_id == train["run_id"]  # train logged into mlflow run's run
+    else:
+        assert wrapper[0].info.run_id != train["run_id"] and wrapper[0].info.experiment_id == "0"
+        assert "is in another experiment" in proc.stderr
