@@ -33,10 +33,16 @@ def has_remote() -> bool:
     return bool(dvc("remote", "list", capture=True).stdout.strip())
 
 
+def _diff(kind: str, base: str) -> str:
+    """`dvc metrics|params diff --md`, or a sentence when nothing changed: DVC then prints nothing, or
+    (params) a table of its header and separator alone."""
+    table = dvc(kind, "diff", base, "--md", capture=True).stdout.strip()
+    return table if len(table.splitlines()) > 2 else f"No {kind.removesuffix('s')} changed."
+
+
 def summary(base: str) -> str:
     """The job summary: metrics and params diffs against `base`, and the promotion decision."""
-    metrics = dvc("metrics", "diff", base, "--md", capture=True).stdout.strip() or "No metric changed."
-    params = dvc("params", "diff", base, "--md", capture=True).stdout.strip() or "No param changed."
+    metrics, params = _diff("metrics", base), _diff("params", base)
     lines = [f"## Retrain against `{base}`", "", "### Metrics", "", metrics, "", "### Params", "", params, "",
              "### Promotion", ""]
     if PROMOTION.exists():

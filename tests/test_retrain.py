@@ -63,6 +63,11 @@ def test_make_retrain_writes_summary(repo):
     promotion = json.loads((root / "reports/promotion.json").read_text())
     assert f"Model version {promotion['new_version']}" in text
 
+    commit_all(root, env, "retrained")  # nothing changed since: a sentence each, not empty tables
+    sh(["make", "-o", f"{VENV_BIN.parent}/.installed", f"VENV={VENV_BIN.parent}", "retrain"], root, env)
+    text = (root / "reports/retrain_summary.md").read_text()
+    assert "No metric changed." in text and "No param changed." in text and "| Path" not in text, text
+
 
 def _runs(root: Path):
     from mlflow import MlflowClient
