@@ -36,11 +36,11 @@ server: install
 	$(PY) -m pipeline.server
 
 bench: install
-	$(PY) -m pipeline.bench
+	$(PY) -m tools.bench
 
 # fetch_data + prepare on a generated zip of 120,000 JPEGs (and 12,000): time and memory
 bench-scale: install
-	$(PY) -m pipeline.bench --scale 120000
+	$(PY) -m tools.bench --scale 120000
 
 test: install
 	$(PY) -m pytest -q tests

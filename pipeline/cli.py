@@ -9,7 +9,8 @@ import sys
 import time
 from typing import Callable
 
-from pipeline.config import PARAMS_FILE, Params, PipelineError, load_params
+from pipeline.config import PARAMS_FILE, Params, load_params
+from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 

@@ -11,8 +11,9 @@ import sys
 
 import pandas as pd
 
-from pipeline import tracking
-from pipeline.config import PARAMS_FILE, PipelineError, load_params
+from pipeline import registry, tracking
+from pipeline.config import PARAMS_FILE, load_params
+from pipeline.errors import PipelineError
 
 SUMMARY_METRICS = ("best_val_acc", "best_epoch", "stopped_epoch")
 
@@ -24,7 +25,7 @@ def runs_table(experiment: str, registered_model: str, metric: str, all_params: 
     runs = mlflow.search_runs(experiment_names=[experiment])
     if runs.empty:
         return runs
-    champ = tracking.champion(registered_model)
+    champ = registry.champion(registered_model)
     params = [c for c in runs.columns if c.startswith("params.") and c != "params.train.stop_reason"]
     if not all_params:  # only what differs: that is what explains the metric differences
         params = [c for c in params if runs[c].astype(str).nunique(dropna=False) > 1]

@@ -2,6 +2,7 @@
 
 params.yaml is the only place defaults live: every field here is required, so a key missing from the
 file is an error, and so is a key the code does not know. Errors name the key and what is allowed.
+What each key means: docs/params.md.
 """
 
 from __future__ import annotations
@@ -16,31 +17,24 @@ from typing import Literal, Optional
 
 import yaml
 
+from pipeline.errors import ConfigError
+
 PARAMS_FILE = "params.yaml"
 
 AUGMENTATIONS = ("flip", "crop", "resized_crop", "trivialaugment")  # kept in sync with transforms.AUGMENTS
-# The keys of pipeline.models.MODELS (which checks it matches), here so that validating params does
+# The keys of pipeline.models.ARCHITECTURES (which checks it matches), here so that validating params does
 # not import torch: fetch_data and prepare stay light (prepare's peak memory is the benchmark's).
 MODEL_NAMES = ("tinyvgg", "vgg11_bn", "vgg16", "vgg16_bn", "resnet18", "efficientnet_b0",
                "mobilenet_v3_small", "mobilenet_v3_large")
 
 
-class PipelineError(Exception):
-    """A failure the user can act on: the stage prints the message alone and exits non-zero."""
-
-
-class ConfigError(PipelineError, ValueError):
-    """A params.yaml key is missing, unknown, of the wrong type or out of range."""
-
-
 @dataclass(frozen=True)
 class Base:
     seed: int
-    device: str  # auto | cpu | cuda | cuda:N
+    device: str
 
     def check(self) -> None:
-        # Fix (tests/faults): a negative or > 2**32-1 seed passed validation, then prepare crashed
-        # with a traceback in numpy's default_rng ("expected non-negative integer").
+        # numpy's default_rng takes 0..2**32-1 only; outside it prepare would crash with a traceback.
         _range("base.seed", self.seed, 0, 2**32 - 1)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             _fail("base.device", self.device, "one of auto, cpu, cuda, cuda:N")
@@ -50,12 +44,12 @@ class Base:
 class Data:
     source: str
     sha256: Optional[str]
-    torchvision_root: str  # where torchvision.datasets looks for / downloads its files
-    download_dir: str  # downloaded archives are cached here, so a re-run does not download again
-    timeout_s: float  # per network read: a stalled server fails after this long
-    max_archive_bytes: int  # zip-bomb guards: total uncompressed size ...
-    max_archive_members: int  # ... member count ...
-    max_compression_ratio: float  # ... and uncompressed/compressed ratio of any member over 1 MiB
+    torchvision_root: str
+    download_dir: str
+    timeout_s: float
+    max_archive_bytes: int
+    max_archive_members: int
+    max_compression_ratio: float
 
     def check(self) -> None:
         if not self.source:
@@ -77,12 +71,12 @@ TORCHVISION_SETS = ("MNIST", "FashionMNIST", "CIFAR10")
 
 @dataclass(frozen=True)
 class Prepare:
-    image_size: int  # pixels; images are resized to image_size x image_size
+    image_size: int
     channels: Literal[1, 3]
-    val_fraction: float  # of the training images, held out for early stopping
-    test_fraction: float  # of all images, used only when the source has no test split
+    val_fraction: float
+    test_fraction: float
     min_images_per_class: int
-    max_image_pixels: int  # larger images are quarantined as decompression bombs
+    max_image_pixels: int
 
     def check(self) -> None:
         _range("prepare.image_size", self.image_size, 4, 1024)
@@ -100,7 +94,7 @@ class Train:
     hidden_units: int
     batch_norm: bool
     dropout: float
-    weights: Optional[str]  # null | DEFAULT | torchvision weights name | state-dict path | models:/name@alias
+    weights: Optional[str]
     finetune: Literal["full", "head", "last_n"]
     unfreeze_last: int
     epochs: int
@@ -111,11 +105,11 @@ class Train:
     scheduler: Literal["none", "cosine", "onecycle"]
     label_smoothing: float
     augment: tuple[str, ...]
-    patience: int  # the notes' num_trials: epochs without improvement before stopping
+    patience: int
     monitor: Literal["val_loss", "val_acc"]
     min_delta: float
     precision: Literal["auto", "fp32", "bf16", "fp16"]
-    nproc: int  # processes (GPUs, or CPU workers with gloo) under torchrun + DDP; 1: no DDP
+    nproc: int
     checkpoint_dir: str
 
     def check(self) -> None:

@@ -1,4 +1,5 @@
-"""The one engine: `train_one_epoch` and `evaluate`, used by train, evaluate and the benchmark.
+"""The one engine: `train_one_epoch`, `evaluate` and `fit` (epochs with early stopping), used by train,
+evaluate and the benchmark.
 
 Data are whole uint8 tensors (N, C, H, W) sliced into batches in place: no DataLoader workers, no
 per-image decoding. On CUDA the uint8 tensor lives on the GPU when it fits (4x smaller than float),
@@ -8,122 +9,87 @@ device and read once per epoch, so there is no per-batch `.item()` sync.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.config import PipelineError
-from pipeline.transforms import Transform
+from pipeline.config import Train
+from pipeline.dataset import DatasetMeta, load_meta, load_split
+from pipeline.models import set_train_mode
+from pipeline.paths import PREPARED_DIR
+from pipeline.runtime import Runtime, place
+from pipeline.transforms import Norm, Transform, eval_transforms, to_float, train_transforms
 
 log = logging.getLogger(__name__)
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters (malloc.h)
-GPU_DATA_FRACTION = 0.5  # keep the uint8 data on the GPU when it takes at most this share of free memory
+
+@dataclass
+class TrainData:
+    """The train and val splits as uint8 images and int64 labels, where training reads them."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    meta: DatasetMeta
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """Device and numerics, resolved once in a stage's main and passed down."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None  # autocast dtype, None for fp32
-    channels_last: bool
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+def load_train_data(rt: Runtime, folder: Path = PREPARED_DIR) -> TrainData:
+    meta = load_meta(folder)
+    tensors = []
+    for split in ("train", "val"):
+        s = load_split(split, folder, meta)
+        tensors += [place(torch.from_numpy(np.array(s.images)), rt),  # read the memmap into memory
+                    torch.from_numpy(s.labels).to(rt.device)]
+    return TrainData(*tensors, meta=meta)
 
 
-def resolve_runtime(device: str, precision: str) -> Runtime:
-    """base.device and train.precision -> Runtime. `auto` picks CUDA when present and, on CUDA,
-    bf16 autocast where the GPU supports it, else fp16 with a grad scaler; fp32 on the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise PipelineError(f"base.device={device}: CUDA is not available on this machine")
-        dev = torch.device(device)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise PipelineError(f"base.device={device}: only {torch.cuda.device_count()} CUDA device(s)")
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+@dataclass
+class Learner:
+    """What the training steps work on: built once by train (and the benchmark), passed down whole."""
+
+    net: nn.Module  # the network: evaluated, checkpointed and saved
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None  # stepped per batch
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    generator: torch.Generator  # shuffling and augmentation (on the CPU: reproducible, resumable)
+    rt: Runtime
+    frozen: list[nn.Module] = field(default_factory=list)  # parts whose batch norm stays in eval mode
+    model: nn.Module | None = None  # what the steps run: the DDP wrapper of `net` under DDP
+
+    def __post_init__(self) -> None:
+        self.model = self.model or self.net
+
+
+def make_optimizer(cfg: Train, net: nn.Module, steps: int):
+    """Optimizer over trainable parameters only (frozen ones get no state), and a per-batch
+    scheduler over `steps` batches in all."""
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    fast = {"fused": True}  # one kernel per step for all parameters, on CUDA and on the CPU
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, nesterov=True,
+                              weight_decay=cfg.weight_decay, **fast)
     else:
-        dev = torch.device("cpu")
-        keep_freed_memory()
-        # the cores, shared among the processes of a DDP run on this machine
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    if precision == "auto":
-        if dev.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:  # measured: bf16 autocast ~1.7x fp32 (2.4x with channels_last) with AMX, and
-            # ~1.75x (2.1-2.3x) on an AMD EPYC with AVX512-BF16 and no AMX
-            precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and dev.type == "cpu":
-        raise PipelineError("train.precision=fp16 needs CUDA; use fp32 or bf16 on the CPU")
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    # channels_last pays on both: tensor cores on CUDA, oneDNN's blocked convolutions on the CPU.
-    return Runtime(device=dev, amp_dtype=amp, channels_last=True)
-
-
-def keep_freed_memory() -> None:
-    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
-
-    PyTorch's CPU allocator caches nothing: every batch mallocs its multi-MiB activations and
-    gradients again. With glibc's defaults many of them are fresh mmaps (or heap tops trimmed on
-    free), so their pages fault in, zeroed, on every batch. Raising the mmap and trim thresholds
-    turns that into reuse. Measured on the 2-core Intel bench machine (TinyVGG on digits, bf16, interleaved
-    runs): 1,783-1,854 images/s without, 2,058-2,106 with. In an earlier, faster hour: both settings
-    2,300-2,400, the mmap threshold alone 2,130, the trim threshold alone 1,160 (setting it also stops
-    glibc from raising its mmap threshold by itself). Peak RSS stays the training step's working set.
-    Process-wide and permanent, so only stages that train or evaluate set it."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
-        return
-    mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls/convs run natively instead of being emulated (slower)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so probe for them
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def place(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Where a split's uint8 tensor lives during training: on the GPU when it fits, else pinned."""
-    if not rt.cuda:
-        return images
-    free, _ = torch.cuda.mem_get_info(rt.device)
-    if images.numel() <= GPU_DATA_FRACTION * free:
-        return images.to(rt.device)
-    return images.pin_memory()
-
-
-def prepare_model(model: nn.Module, rt: Runtime) -> nn.Module:
-    model = model.to(rt.device)
-    return model.to(memory_format=torch.channels_last) if rt.channels_last else model
+        cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        opt = cls(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+    if cfg.scheduler == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+    elif cfg.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    else:
+        sched = None
+    return opt, sched
 
 
 def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, rt: Runtime):
@@ -132,20 +98,19 @@ def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, rt: Ru
     return x, y
 
 
-def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, transform: Transform,
-                    optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
-                    loss_fn: nn.Module, batch_size: int, generator: torch.Generator, rt: Runtime,
-                    num_classes: int, desc: str = "train") -> dict[str, float]:
-    """One pass over the training split in a random order drawn from `generator`.
+def train_one_epoch(learner: Learner, images: torch.Tensor, labels: torch.Tensor, transform: Transform,
+                    batch_size: int, desc: str = "train") -> dict[str, float]:
+    """One pass over the training split in a random order drawn from the learner's generator.
 
-    The model must already be in train mode (see models.set_train_mode). Returns train_loss (mean
-    per image), train_acc (per image over the split), images_per_second and epoch_seconds; under
-    DDP each rank trains on its shard and the numbers are over all ranks.
+    The model must already be in train mode (models.set_train_mode). Returns train_loss (mean per
+    image), train_acc (per image over the split), images_per_second and epoch_seconds; under DDP
+    each rank trains on its shard and the numbers are over all ranks.
     """
+    rt, opt = learner.rt, learner.optimizer
     start = time.perf_counter()
-    order = distributed.shard(torch.randperm(len(images), generator=generator))
+    order = distributed.shard(torch.randperm(len(images), generator=learner.generator))
     total_loss = torch.zeros((), device=rt.device)
-    acc = MulticlassAccuracy(num_classes=num_classes, average="micro").to(rt.device)
+    correct = torch.zeros((), device=rt.device, dtype=torch.int64)
     batches = range(0, len(order), batch_size)
     for i in tqdm(batches, desc=desc, leave=False, disable=not sys.stderr.isatty()):
         x, y = _batch(images, labels, order[i:i + batch_size], rt)
@@ -153,23 +118,23 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with rt.autocast():
-            logits = model(x)
-            loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if scheduler is not None:
-            scheduler.step()
+            logits = learner.model(x)
+            loss = learner.loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        learner.scaler.scale(loss).backward()
+        learner.scaler.step(opt)
+        learner.scaler.update()
+        if learner.scheduler is not None:
+            learner.scheduler.step()
         total_loss += loss.detach() * len(y)
-        acc.update(logits.detach(), y)
+        correct += (logits.detach().argmax(dim=1) == y).sum()
     seen = distributed.all_sum(torch.tensor([float(len(order))], device=rt.device)).item()
     total_loss = distributed.all_sum(total_loss)
-    train_acc = acc.compute().item()  # torchmetrics syncs its counts across ranks itself
+    correct = distributed.all_sum(correct)
     seconds = time.perf_counter() - start
     return {
         "train_loss": total_loss.item() / seen,
-        "train_acc": train_acc,
+        "train_acc": correct.item() / seen,
         "epoch_seconds": seconds,
         "images_per_second": seen / seconds,
     }
@@ -190,16 +155,101 @@ def predict_logits(model: nn.Module, images: torch.Tensor, transform: Transform,
     return torch.cat(out).cpu() if out else torch.empty(0)
 
 
+def classify(model: nn.Module, images: np.ndarray, batch_size: int, rt: Runtime) -> torch.Tensor:
+    """Class probabilities (float32, on the CPU) for uint8 images through a served model, which
+    normalises its input itself (models.Classifier)."""
+    model = model.to(rt.device).eval()
+    return predict_logits(model, torch.from_numpy(np.array(images)), to_float, batch_size, rt)
+
+
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, transform: Transform,
-             batch_size: int, rt: Runtime, num_classes: int, prefix: str = "val") -> dict[str, float]:
+             batch_size: int, rt: Runtime, prefix: str = "val") -> dict[str, float]:
     """Mean cross-entropy per image and per-image accuracy over a whole split."""
     was_training = model.training
     model.eval()
     logits = predict_logits(model, images, transform, batch_size, rt)
     model.train(was_training)
     targets = labels.cpu()
-    acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
     return {
         f"{prefix}_loss": F.cross_entropy(logits, targets).item(),
-        f"{prefix}_acc": acc(logits, targets).item(),
+        f"{prefix}_acc": (logits.argmax(dim=1) == targets).float().mean().item(),
     }
+
+
+class EarlyStopper:
+    """Stop after `patience` epochs (num_trials, in the notebooks this grew from) without an
+    improvement of more than `min_delta` in `monitor`; the best epoch's weights are kept by fit."""
+
+    def __init__(self, monitor: str, patience: int, min_delta: float):
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.bad_epochs = 0
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record an epoch's value; True when it is a new best."""
+        sign = 1 if self.monitor == "val_loss" else -1  # lower loss, higher accuracy is better
+        if self.best is None or sign * (self.best - value) > self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+@dataclass
+class TrainState:
+    """Everything about a training run that moves from epoch to epoch: checkpointed after each."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_state: dict | None = None  # the best epoch's weights, on the CPU
+    stopper: dict | None = None  # EarlyStopper.state_dict()
+    run_id: str | None = None  # the MLflow run, resumed with the checkpoint
+
+
+def fit(cfg: Train, learner: Learner, data: TrainData, norm: Norm, state: TrainState,
+        on_epoch: Callable[[TrainState], None]) -> tuple[TrainState, str]:
+    """Train from `state.epoch` until train.epochs or early stopping; `on_epoch(state)` runs after
+    each epoch (checkpoint, tracking). Returns the final state and why training stopped."""
+    stopper = EarlyStopper(cfg.monitor, cfg.patience, cfg.min_delta)
+    if state.stopper:
+        stopper.load_state_dict(state.stopper)
+    augment = train_transforms(norm, cfg.augment, learner.generator)
+    plain = eval_transforms(norm)
+    reason = f"reached train.epochs={cfg.epochs}"
+    while state.epoch < cfg.epochs:
+        if stopper.should_stop:
+            break
+        epoch = state.epoch + 1
+        set_train_mode(learner.model, learner.frozen)
+        metrics = train_one_epoch(learner, data.train_x, data.train_y, augment, cfg.batch_size, desc=f"epoch {epoch}")
+        metrics.update(evaluate(learner.net, data.val_x, data.val_y, plain, cfg.batch_size * 2, learner.rt))
+        metrics["lr"] = learner.optimizer.param_groups[0]["lr"]
+        # Rank 0's numbers decide for all ranks, so every rank stops at the same epoch whatever
+        # rounding differences their own evaluations have.
+        metrics = distributed.broadcast_object(metrics)
+        if stopper.step(metrics[cfg.monitor], epoch):
+            state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in learner.net.state_dict().items()}
+        state.stopper = stopper.state_dict()
+        state.history.append({"epoch": epoch, **metrics})
+        state.epoch = epoch
+        if distributed.is_main():
+            log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  "
+                     "%.1fs  %.0f img/s", epoch, cfg.epochs, metrics["train_loss"], metrics["train_acc"],
+                     metrics["val_loss"], metrics["val_acc"], metrics["lr"], metrics["epoch_seconds"],
+                     metrics["images_per_second"])
+        on_epoch(state)
+    if stopper.should_stop:
+        reason = (f"early stopping: no {cfg.monitor} improvement over train.min_delta={cfg.min_delta} "
+                  f"for train.patience={cfg.patience} epochs")
+    return state, reason

@@ -15,12 +15,9 @@ from pipeline import sources
 from pipeline.cli import run_stage
 from pipeline.config import Params
 from pipeline.io import atomic_path, remove, sha256_file, write_json
+from pipeline.paths import RAW_DIR, RAW_JSON, SOURCES_DIR
 
 log = logging.getLogger(__name__)
-
-RAW_DIR = Path("data/raw")
-RAW_JSON = Path("data/raw.json")
-WATCHED_DIR = Path("data/sources")  # a dvc.yaml dep: local sources kept here re-run the stage
 
 
 def tree_sha256(root: Path) -> str:
@@ -37,9 +34,9 @@ def tree_sha256(root: Path) -> str:
 def fetch(params: Params, raw_dir: Path = RAW_DIR, raw_json: Path = RAW_JSON) -> dict:
     """Fetch data.source into `raw_dir` and describe it in `raw_json`; returns that description."""
     cfg = params.data
-    if sources.source_kind(cfg.source) == "local" and not _inside(Path(cfg.source), WATCHED_DIR):
+    if sources.source_kind(cfg.source) == "local" and not _inside(Path(cfg.source), SOURCES_DIR):
         log.warning("data.source %s is outside %s/, so DVC cannot see changes to it: put it there "
-                    "(or `dvc add` it there) to re-run fetch_data when it changes", cfg.source, WATCHED_DIR)
+                    "(or `dvc add` it there) to re-run fetch_data when it changes", cfg.source, SOURCES_DIR)
     with atomic_path(raw_dir, directory=True) as tmp:
         work = tmp / ".incoming"
         work.mkdir()

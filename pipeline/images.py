@@ -16,7 +16,7 @@ class BadImage(Exception):
 
 def decode(path: str | Path, size: int, channels: int, max_pixels: int) -> np.ndarray:
     """Decode, EXIF-rotate, convert to L or RGB, and resize to size x size (squashing, like the
-    notes' transforms.Resize((size, size))). Returns uint8 of shape (channels, size, size)."""
+    notebooks' transforms.Resize((size, size))). Returns uint8 of shape (channels, size, size)."""
     path = Path(path)
     if path.stat().st_size == 0:
         raise BadImage("empty file (0 bytes)")

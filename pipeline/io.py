@@ -1,5 +1,7 @@
-"""Atomic outputs: everything a stage writes goes to a temp path first and is renamed into place, so a
-failure or a kill never leaves a half-written output and never loses the previous one."""
+"""Files: atomic outputs, JSON, hashing, and which files count as data.
+
+Everything a stage writes goes to a temp path first and is renamed into place, so a failure or a
+kill never leaves a half-written output and never loses the previous one."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 CHUNK = 1 << 20  # bytes per read when hashing or streaming
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}  # OS litter, never data
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -26,8 +29,8 @@ def atomic_path(target: str | Path, *, directory: bool = False) -> Iterator[Path
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Fix (tests/faults): the temp name carries the writer's pid, and what a killed writer left
-    # (kill -9 runs no cleanup: a half-written data/.prepared.tmp-* stayed for ever) is removed here.
+    # The temp name carries the writer's pid, so what a killed writer left (kill -9 runs no
+    # cleanup) is recognised and removed here, while a live writer's is left alone.
     _remove_stale(target)
     prefix = f".{target.name}.tmp-{os.getpid()}-"
     if directory:
@@ -106,3 +109,8 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden entries (.git, .ipynb_checkpoints, .DS_Store) and OS litter are never data."""
+    return name.startswith(".") or name in IGNORED_NAMES

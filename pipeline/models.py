@@ -1,13 +1,15 @@
-"""The model registry: `build_model(name, ...)` builds any entry of MODELS for a number of classes,
-1 or 3 input channels and any image size, optionally with pretrained weights, and freezes what
-`train.finetune` says. torchvision models keep their own structure; only the first conv (for 1
-channel) and the classifier (for the number of classes) are replaced."""
+"""The architecture table: `build_model(name, ...)` builds any entry of ARCHITECTURES for a number of
+classes, 1 or 3 input channels and any image size, optionally with pretrained weights, and
+`apply_finetune` freezes what `train.finetune` says. torchvision models keep their own structure;
+only the first conv (for 1 channel) and the classifier (for the number of classes) are replaced.
+
+ModelConfig is what rebuilds a trained network and its input handling; Classifier is the served
+model (normalisation inside, probabilities out)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import MODEL_NAMES, PipelineError
+from pipeline.config import MODEL_NAMES
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,7 @@ class _BitsReLU(torch.autograd.Function):
 class ReLU(nn.Module):
     """nn.ReLU(inplace=True), faster on bf16 CPU tensors (autocast on AVX512-BF16/AMX CPUs): PyTorch's
     bf16 CPU kernels for relu and its backward convert to fp32 and back, while the int16 ones run at
-    memory speed. Measured at 64x48x32x32: forward 0.50 -> 0.15 ms, backward 0.44 -> 0.36 ms; TinyVGG
-    training on digits 1,881-1,910 -> 2,058-2,106 images/s. Same values as torch.relu (tests/test_models.py)."""
+    memory speed (docs/benchmarks.md). Same values as torch.relu (tests/test_models.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
@@ -54,9 +56,10 @@ class ReLU(nn.Module):
 
 
 class TinyVGG(nn.Module):
-    """The notes' TinyVGG: two blocks of conv3x3-ReLU-conv3x3-ReLU-maxpool2, then flatten-linear.
+    """TinyVGG, the small CNN of the notebooks this project grew from (CNN Explainer's model): two
+    blocks of conv3x3-ReLU-conv3x3-ReLU-maxpool2, then flatten-linear.
 
-    Padding 1 keeps the spatial size through the convs, so any image_size >= 4 works (the notes
+    Padding 1 keeps the spatial size through the convs, so any image_size >= 4 works (the notebooks
     hard-coded hidden_units*13*13 for 64x64 inputs with unpadded convs).
     """
 
@@ -98,7 +101,7 @@ class MinSize(nn.Module):
 
 @dataclass(frozen=True)
 class Spec:
-    """How to find the parts of one architecture that build_model adapts or freezes."""
+    """How to find the parts of one architecture that build_model adapts or apply_finetune freezes."""
 
     first_conv: str  # dotted attribute path of the first Conv2d
     head: str  # dotted path of the final Linear (replaced for num_classes)
@@ -118,12 +121,11 @@ def _vgg_blocks(m: nn.Module) -> list[nn.Module]:
 
 _VGG = Spec("features.0", "classifier.6", _vgg_blocks, 32)
 _STAGED = Spec("features.0.0", "classifier.-1", lambda m: list(m.features), 32)
-# Fix: MobileNetV3's classifier has a hidden Linear before the head. Outside every block, it was
-# frozen by `head` but trained by `last_n` whatever unfreeze_last said (last_n=1 trained the last
-# feature block + hidden Linear + head). Like VGG's hidden FC layers it is now the last block.
+# MobileNetV3's classifier has a hidden Linear before the head: like VGG's hidden FC layers it is
+# the last block, so `last_n` counts it instead of always training it.
 _MOBILENET = Spec("features.0.0", "classifier.-1", lambda m: list(m.features) + [m.classifier[:-1]], 32)
 
-MODELS: dict[str, Spec] = {
+ARCHITECTURES: dict[str, Spec] = {
     "tinyvgg": Spec("features.0.0", "classifier.2", lambda m: list(m.features), 4),
     "vgg11_bn": _VGG,
     "vgg16": _VGG,
@@ -134,8 +136,8 @@ MODELS: dict[str, Spec] = {
     "mobilenet_v3_small": _MOBILENET,
     "mobilenet_v3_large": _MOBILENET,
 }
-if tuple(MODELS) != MODEL_NAMES:
-    raise RuntimeError("pipeline.config.MODEL_NAMES must list the keys of MODELS, in order")
+if tuple(ARCHITECTURES) != MODEL_NAMES:
+    raise RuntimeError("pipeline.config.MODEL_NAMES must list the keys of ARCHITECTURES, in order")
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:
@@ -157,9 +159,9 @@ def build_model(name: str, num_classes: int, channels: int, image_size: int, *, 
                 batch_norm: bool, dropout: float, pretrained: dict | None = None) -> nn.Module:
     """Build registry entry `name`. `pretrained` is a state dict for the architecture as torchvision
     (or an earlier run of this pipeline) saved it; its classifier is dropped when shapes differ."""
-    if name not in MODELS:
-        raise PipelineError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
-    spec = MODELS[name]
+    if name not in ARCHITECTURES:
+        raise PipelineError(f"unknown model {name!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
+    spec = ARCHITECTURES[name]
     if name == "tinyvgg":
         net: nn.Module = TinyVGG(channels, num_classes, image_size, hidden_units, batch_norm, dropout)
         if pretrained is not None:
@@ -210,7 +212,7 @@ def apply_finetune(net: nn.Module, name: str, mode: str, unfreeze_last: int) -> 
     if mode == "full":
         return []
     core = unwrap(net)
-    spec = MODELS[name]
+    spec = ARCHITECTURES[name]
     blocks = spec.blocks(core)
     frozen = blocks if mode == "head" else blocks[:max(len(blocks) - unfreeze_last, 0)]
     for block in frozen:
@@ -231,82 +233,74 @@ def set_train_mode(net: nn.Module, frozen: list[nn.Module]) -> None:
         block.eval()
 
 
-def resolve_weights(name: str, weights: str | None) -> tuple[dict | None, dict | None]:
-    """train.weights -> (state dict, normalisation {"mean", "std"} to use, or None for prepare's).
+@dataclass(frozen=True)
+class ModelConfig:
+    """What rebuilds a trained network and its input handling, saved with the weights (models/model.pt,
+    the logged model) so that evaluate, predict and serving cannot drift from training."""
 
-    `DEFAULT` or a torchvision weights name come from the torch hub cache (downloaded when online);
-    a path is a state dict or a models/model.pt of this pipeline; `models:/<name>@<alias>` is a
-    model from the MLflow registry.
-    """
-    if weights is None:
-        return None, None
-    if weights.startswith("models:/") or weights.startswith("runs:/"):
-        from pipeline.tracking import load_registered_state
+    model: str  # a key of ARCHITECTURES
+    channels: int
+    image_size: int
+    hidden_units: int  # TinyVGG's options; the others ignore them
+    batch_norm: bool
+    dropout: float
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]  # per-channel normalisation of 0..1 pixels
+    std: tuple[float, ...]
 
-        return load_registered_state(weights)
-    path = Path(weights).expanduser()
-    if path.suffix in (".pt", ".pth") or path.exists():
-        if not path.exists():
-            raise PipelineError(f"train.weights: {path}: no such file")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "state_dict" in obj:  # a models/model.pt of this pipeline
-            cfg = obj.get("config", {})
-            norm = {"mean": cfg["mean"], "std": cfg["std"]} if "mean" in cfg else None
-            return obj["state_dict"], norm
-        return obj, None
-    return _torchvision_weights(name, weights)
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict:
+        """Plain types only: models/model.pt loads with torch.load(weights_only=True)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names})
 
 
-def _torchvision_weights(name: str, weights: str) -> tuple[dict, dict]:
-    from torch.hub import get_dir, load_state_dict_from_url
-    from torchvision.models import get_model_weights
-
-    if name == "tinyvgg":
-        raise PipelineError(f"train.weights={weights}: tinyvgg has no torchvision weights; use null or a path")
-    enum = get_model_weights(name)
-    try:
-        w = enum.DEFAULT if weights == "DEFAULT" else enum[weights.split(".")[-1]]
-    except KeyError:
-        raise PipelineError(f"train.weights={weights}: not a weights name of {name}; choose DEFAULT or "
-                            f"one of {', '.join(m.name for m in enum)}") from None
-    cached = Path(get_dir()) / "checkpoints" / os.path.basename(w.url)
-    try:
-        state = load_state_dict_from_url(w.url, map_location="cpu", progress=True, check_hash=True)
-    except (urllib.error.URLError, OSError) as e:
-        raise PipelineError(f"train.weights={weights}: {w} is not in the torch hub cache and could not be "
-                            f"downloaded ({e}); place {w.url} at {cached}") from None
-    t = w.transforms()
-    return state, {"mean": list(t.mean), "std": list(t.std)}
+def build_from_config(cfg: ModelConfig, pretrained: dict | None = None) -> nn.Module:
+    """A fresh network for `cfg` (with `pretrained` weights where they fit)."""
+    return build_model(cfg.model, cfg.num_classes, cfg.channels, cfg.image_size, hidden_units=cfg.hidden_units,
+                       batch_norm=cfg.batch_norm, dropout=cfg.dropout, pretrained=pretrained)
 
 
 class Classifier(nn.Module):
     """The served model: float images in 0..1, (N, C, H, W) -> class probabilities.
 
     Normalisation is inside, so a client of `mlflow models serve` only resizes and scales pixels;
-    `classes`, `image_size` and `channels` travel with it for predict.
+    the config (classes, image size, channels) travels with it for predict.
     """
 
-    def __init__(self, net: nn.Module, mean, std, classes: list[str], image_size: int, channels: int):
+    def __init__(self, net: nn.Module, config: ModelConfig):
         super().__init__()
-        self.net = net
-        self.classes, self.image_size, self.channels = list(classes), image_size, channels
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.net, self.config = net, config
+        self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config.classes)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.config.channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.net((x - self.mean) / self.std).float(), dim=1)
 
 
-def build_from_config(cfg: dict) -> nn.Module:
-    """A fresh network from the config saved with the weights in models/model.pt."""
-    return build_model(cfg["model"], cfg["num_classes"], cfg["channels"], cfg["image_size"],
-                       hidden_units=cfg["hidden_units"], batch_norm=cfg["batch_norm"], dropout=cfg["dropout"])
-
-
 def load_classifier(path: str | Path) -> Classifier:
     """models/model.pt (weights + config, loaded with weights_only=True) -> Classifier on the CPU."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = obj["config"]
+    cfg = ModelConfig.from_dict(obj["config"])
     net = build_from_config(cfg)
     net.load_state_dict(obj["state_dict"])
-    return Classifier(net, cfg["mean"], cfg["std"], cfg["classes"], cfg["image_size"], cfg["channels"]).eval()
+    return Classifier(net, cfg).eval()

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 
 def loss_curves(history: list[dict]):
-    """The notes' plot_loss_curves: loss and accuracy per epoch, train and val, in two panels."""
+    """Loss and accuracy per epoch, train and val, in two panels (the notebooks' plot_loss_curves)."""
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
@@ -48,7 +48,7 @@ def confusion_matrix(cm: np.ndarray, classes: list[str]):
 
 
 def image_grid(images: np.ndarray, titles: list[str], colors: list[str], suptitle: str, cols: int = 5):
-    """uint8 (N, C, H, W) images with a title each (the notes' plot_most_correct / pred_and_plot)."""
+    """uint8 (N, C, H, W) images with a title each (the notebooks' plot_most_correct / pred_and_plot)."""
     n = len(images)
     rows = max(1, -(-n // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False, layout="constrained")

@@ -19,11 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import plots, tracking
-from pipeline.config import PARAMS_FILE, PipelineError, load_params
+from pipeline import plots, registry, tracking
+from pipeline.config import PARAMS_FILE, load_params
+from pipeline.errors import PipelineError
 from pipeline.images import BadImage, decode
+from pipeline.io import is_hidden
 from pipeline.models import Classifier, load_classifier
-from pipeline.sources import is_hidden
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def load_any(ref: str) -> Classifier:
         return load_classifier(ref)
     if ":/" not in ref:
         raise PipelineError(f"--model {ref}: no such file, and not an MLflow model URI")
-    return tracking.load_model(ref).eval()
+    return registry.load_model(ref).eval()
 
 
 def expand(paths: list[str]) -> list[Path]:
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help="image files or folders of images")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="models/model.pt, models:/<name>@<alias>, runs:/<id>/model")
     parser.add_argument("--top-k", type=int, default=1, help="also show the next K-1 classes")
-    parser.add_argument("--plot", help="write the notes' pred_and_plot_image figure to this PNG")
+    parser.add_argument("--plot", help="write the images with their predictions to this PNG (the notebooks' "
+                                       "pred_and_plot_image)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -92,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rows:
         table = pd.DataFrame(rows)
-        # The one-line form only when there is nothing else to show: it used to drop the top-k
-        # columns of a single image (`predict img.png --top-k 3` printed only the top class).
+        # The one-line form only when there is nothing else to show (one image, no top-k columns).
         print(table.to_string(index=False) if len(rows) > 1 or len(table.columns) > 3 else
               f"{rows[0]['file']}: {rows[0]['class']} ({rows[0]['probability']:.4f})")
     for f, reason in errors.items():

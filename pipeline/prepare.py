@@ -17,16 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cli import progress, run_stage
-from pipeline.config import Params, PipelineError, Prepare
-from pipeline.fetch_data import RAW_DIR, RAW_JSON
+from pipeline.config import Params, Prepare
+from pipeline.dataset import DatasetMeta, SplitFiles, write_meta
+from pipeline.errors import PipelineError
 from pipeline.images import decode_or_reason
-from pipeline.io import atomic_path, read_json, remove, sha256_file, write_json
-from pipeline.prepared import PREPARED_DIR, meta_digest
-from pipeline.sources import is_hidden
+from pipeline.io import atomic_path, is_hidden, read_json, remove, sha256_file, write_json
+from pipeline.paths import DATA_REPORT, PREPARED_DIR, RAW_DIR, RAW_JSON
 
 log = logging.getLogger(__name__)
 
-DATA_REPORT = Path("reports/data.json")
 # Images are copied or summed a chunk at a time, so that memory stays bounded for any number and
 # size of images. A fixed row count did not bound it: 4096 rows of 224 px RGB as float64 were 4.9 GB.
 CHUNK_BYTES = 32 * 2**20
@@ -58,8 +57,8 @@ def list_images(raw_dir: Path, layout: str) -> tuple[list[str], list[tuple[str, 
                     if not is_hidden(name):
                         rel = Path(dirpath, name).relative_to(raw_dir).as_posix()
                         items.append((split, cls, rel))
-    # Fix (tests/faults): classes are the class folders, not the classes that have files: an empty
-    # class folder was dropped silently; now check_class_counts refuses it by name.
+    # Classes are the class folders, not the classes that have files: an empty class folder must
+    # reach check_class_counts, which refuses it by name, instead of silently vanishing.
     classes = sorted(folders)
     return classes, items
 
@@ -143,7 +142,7 @@ def channel_stats(images: np.ndarray, idx: np.ndarray) -> tuple[list[float], lis
 
 
 def write_split(folder: Path, split: str, images: np.ndarray, idx: np.ndarray,
-                labels: np.ndarray, rels: list[str]) -> dict:
+                labels: np.ndarray, rels: list[str]) -> SplitFiles:
     npy, table = folder / f"{split}.npy", folder / f"{split}.csv"
     out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(idx),) + images.shape[1:])
     rows = chunk_rows(images, itemsize=1)
@@ -155,7 +154,7 @@ def write_split(folder: Path, split: str, images: np.ndarray, idx: np.ndarray,
         writer = csv.writer(f)
         writer.writerow(["file", "label"])
         writer.writerows((rels[i], int(labels[i])) for i in idx)
-    return {"count": len(idx), "sha256": {p.name: sha256_file(p) for p in (npy, table)}}
+    return SplitFiles(count=len(idx), sha256={p.name: sha256_file(p) for p in (npy, table)})
 
 
 def prepare(params: Params, raw_dir: Path = RAW_DIR, raw_json: Path = RAW_JSON,
@@ -195,11 +194,9 @@ def prepare(params: Params, raw_dir: Path = RAW_DIR, raw_json: Path = RAW_JSON,
         del images
         remove(tmp / "all.npy")
         write_json(tmp / "classes.json", classes)
-        meta = {"image_size": cfg.image_size, "channels": cfg.channels, "classes": classes,
-                "mean": mean, "std": std, "source": raw.get("source"),
-                "raw_sha256": raw.get("content_sha256"), "splits": splits}
-        meta["meta_sha256"] = meta_digest(meta)  # load_meta checks it (see prepared.py)
-        write_json(tmp / "meta.json", meta)
+        write_meta(tmp, DatasetMeta(image_size=cfg.image_size, channels=cfg.channels, classes=tuple(classes),
+                                    mean=tuple(mean), std=tuple(std), source=raw.get("source"),
+                                    raw_sha256=raw.get("content_sha256"), splits=splits))
 
     report = {
         "classes": classes,

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from pipeline.cli import parse_overrides
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 
 
 def command(argv: list[str]) -> list[str]:

@@ -11,15 +11,12 @@ import functools
 import logging
 import os
 import time
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import yaml
-
 from pipeline.cli import shielded
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +28,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 _spent = {"logging": 0.0, "setup": 0.0}
 
 
-def _timed(kind: str):
-    """Time an MLflow call, and shield it from Ctrl-C/SIGTERM until it returns."""
+def mlflow_call(kind: str):
+    """Decorate a function that calls MLflow: its time counts as `kind` ("logging" or "setup") in
+    seconds_spent(), and Ctrl-C/SIGTERM wait until it returns (cli.shielded)."""
 
     def decorate(fn):
         @shielded
@@ -91,7 +89,7 @@ def tracking_uri() -> str:
 _experiment = {"id": None, "name": None}  # set by configure: the experiment the stage's runs go to
 
 
-@_timed("setup")
+@mlflow_call("setup")
 def configure(experiment: str) -> str:
     """Point MLflow at the tracking URI and experiment; fail fast, naming the URI, when a server is
     unreachable, before any training starts."""
@@ -102,10 +100,9 @@ def configure(experiment: str) -> str:
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        # Fix (tests/faults): created here for every store, not by set_experiment. When two stages
-        # start at once against a server without the experiment, MLflow's set_experiment returns
-        # from the lost creation race without making it active: that stage's run went to the
-        # Default experiment, and resuming it failed ("active experiment ID does not match").
+        # Created here for every store, not by set_experiment: when two stages start at once
+        # against a server without the experiment, set_experiment returns from a lost creation race
+        # without making it active, and the stage's run would go to the Default experiment.
         if mlflow.get_experiment_by_name(experiment) is None:
             _create_experiment(experiment, local=uri.startswith("sqlite:"))
         _experiment.update(id=mlflow.set_experiment(experiment).experiment_id, name=experiment)
@@ -137,38 +134,6 @@ def _check_server(uri: str) -> None:
                             "MLFLOW_TRACKING_URI") from None
 
 
-def dvc_exp_tags() -> dict[str, str]:
-    """Inside `dvc exp run`: the experiment's name and baseline revision. Runs of one sweep share the
-    baseline, and PIPELINE_SWEEP (set by `make sweep`) names the sweep itself."""
-    tags = {"dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
-            "dvc.exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV"),
-            "sweep": os.environ.get("PIPELINE_SWEEP")}
-    return {k: v for k, v in tags.items() if v}
-
-
-def git_tags() -> dict[str, str]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    commit = git("rev-parse", "HEAD")
-    return {"git.commit": commit or "none", "git.dirty": str(bool(git("status", "--porcelain"))).lower()}
-
-
-def dvc_out_hash(path: str, lock: Path = Path("dvc.lock")) -> str:
-    """The md5 DVC recorded in dvc.lock for output `path` (e.g. data/prepared), or "" if none."""
-    if not lock.exists():
-        return ""
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    for stage in stages.values():
-        for out in stage.get("outs", []):
-            if out.get("path") == path:
-                return out.get("md5", "")
-    return ""
-
-
 @contextlib.contextmanager
 def run(run_id: str | None = None, run_name: str | None = None, tags: dict | None = None):
     """A started (or reopened) run that always ends: FINISHED, KILLED on Ctrl-C/SIGTERM, FAILED on
@@ -179,9 +144,8 @@ def run(run_id: str | None = None, run_name: str | None = None, tags: dict | Non
             set_tags(tags)
         yield active
     except BaseException as e:
-        # Fix (tests/faults): a tracking server that died mid-run made end_run fail too (after
-        # MLflow's minutes of retries), and its traceback buried the real error. Now: one quick
-        # try to end the run, a warning if that fails, and one clear line naming the server.
+        # A tracking server that died mid-run makes end_run fail too, after MLflow's minutes of
+        # retries: one quick try to end the run, a warning if that fails, and one line naming it.
         interrupted = isinstance(e, KeyboardInterrupt)
         lost = _lost_server()
         _end_run_after_failure("KILLED" if interrupted else "FAILED", fast=lost is not None)
@@ -220,7 +184,7 @@ def _first_line(e: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-@_timed("setup")
+@mlflow_call("setup")
 def start_run(run_id: str | None, run_name: str | None = None):
     """Start a new run, or reopen `run_id` (a resumed train, or evaluate completing train's run)."""
     import mlflow
@@ -248,7 +212,7 @@ def _leave_foreign_env_run() -> None:
         del os.environ["MLFLOW_RUN_ID"]
 
 
-@_timed("setup")
+@mlflow_call("setup")
 def end_run(status: str = "FINISHED") -> None:
     import mlflow
 
@@ -256,7 +220,7 @@ def end_run(status: str = "FINISHED") -> None:
         mlflow.end_run(status=status)
 
 
-@_timed("setup")
+@mlflow_call("setup")
 def end_abandoned_run(run_id: str, why: str) -> None:
     """Mark KILLED a run that a killed train left RUNNING and that will not be resumed (its
     checkpoint was set aside), with a tag saying why; otherwise it would show as running for ever."""
@@ -271,28 +235,28 @@ def end_abandoned_run(run_id: str, why: str) -> None:
         log.warning("could not mark the abandoned MLflow run %s KILLED: %s", run_id, _first_line(e))
 
 
-@_timed("setup")
+@mlflow_call("setup")
 def logged_steps(run_id: str, key: str) -> set[int]:
     from mlflow import MlflowClient
 
     return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
 
 
-@_timed("logging")
+@mlflow_call("logging")
 def log_params(params: dict) -> None:
     import mlflow
 
     mlflow.log_params({k: "null" if v is None else v for k, v in params.items()})
 
 
-@_timed("logging")
+@mlflow_call("logging")
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
     mlflow.log_metrics(metrics, step=step)
 
 
-@_timed("logging")
+@mlflow_call("logging")
 def log_dataset(path: Path, name: str, digest: str, context: str) -> None:
     """Record the prepared data as the run's input: its folder, the source's name and a digest."""
     import mlflow
@@ -305,14 +269,14 @@ def log_dataset(path: Path, name: str, digest: str, context: str) -> None:
     mlflow.log_input(ds, context=context)
 
 
-@_timed("logging")
+@mlflow_call("logging")
 def set_tags(tags: dict) -> None:
     import mlflow
 
     mlflow.set_tags(tags)
 
 
-@_timed("logging")
+@mlflow_call("logging")
 def log_text(text: str, name: str) -> None:
     import mlflow
 
@@ -329,14 +293,14 @@ def log_figure(fig, name: str) -> None:
         log_artifact(path)
 
 
-@_timed("logging")
+@mlflow_call("logging")
 def log_artifact(path: str | Path, folder: str | None = None) -> None:
     import mlflow
 
     mlflow.log_artifact(str(path), artifact_path=folder)
 
 
-@_timed("logging")
+@mlflow_call("logging")
 def log_model(model, example, step: int, name: str = "model"):
     """Log the served model (models.Classifier) with its signature and an input example; returns the
     logged model's URI (models:/<model_id>)."""
@@ -365,70 +329,3 @@ def _requirements() -> list[str]:
     return [line.strip() for line in lines if line.split("==")[0].strip().lower() in wanted]
 
 
-def load_model(uri: str):
-    """A logged Classifier from models:/..., runs:/... or a models:/<name>@<alias> URI."""
-    import mlflow
-
-    try:
-        return mlflow.pytorch.load_model(uri, map_location="cpu")
-    except Exception as e:  # MlflowException for unknown names/aliases, OSError for missing files
-        raise PipelineError(f"cannot load model {uri} from {tracking_uri()}: {e}") from e
-
-
-def load_registered_state(uri: str) -> tuple[dict, dict]:
-    """train.weights=models:/<name>@<alias>: the inner network's state dict and its normalisation."""
-    from pipeline.models import unwrap
-
-    model = load_model(uri)
-    state = unwrap(model.net).state_dict()
-    return state, {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()}
-
-
-# -- model registry ---------------------------------------------------------------------------------
-
-CHAMPION = "champion"
-
-
-def register(model_uri: str, name: str, run_id: str):
-    """Register the run's logged model under `name` (once: a re-run of evaluate on the same train
-    run reuses its version); returns the ModelVersion."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name)
-    model_id = model_uri.removeprefix("models:/")  # an MLflow 3 logged model: models:/m-<id>
-    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        if version.source == model_uri or getattr(version, "model_id", None) == model_id:
-            return version
-    return client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id)
-
-
-def champion(name: str):
-    """The ModelVersion behind `name@champion`, or None when there is none yet."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    try:
-        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException as e:
-        if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code) or "not found" in str(e).lower():
-            return None
-        raise
-
-
-def tag_version(name: str, version: str, tags: dict) -> None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
-
-
-def set_champion(name: str, version: str) -> None:
-    from mlflow import MlflowClient
-
-    MlflowClient().set_registered_model_alias(name, CHAMPION, version)

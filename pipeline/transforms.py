@@ -24,6 +24,8 @@ RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # its aspect ratio (torchvision's RandomRes
 
 @dataclass(frozen=True)
 class Norm:
+    """Per-channel input normalisation of 0..1 pixels: (x - mean) / std."""
+
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -38,16 +40,14 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
-def eval_transforms(mean, std) -> Transform:
-    norm = Norm(tuple(mean), tuple(std))
+def eval_transforms(norm: Norm) -> Transform:
     return lambda x: norm(to_float(x))
 
 
-def train_transforms(mean, std, augment: tuple[str, ...], generator: torch.Generator) -> Transform:
+def train_transforms(norm: Norm, augment: tuple[str, ...], generator: torch.Generator) -> Transform:
     """Random augmentations from `augment` (AUGMENTS' names, applied in that order), then normalisation.
     Random numbers come from `generator` (on the CPU), so a seeded run is reproducible and a resumed
     run continues the same sequence."""
-    norm = Norm(tuple(mean), tuple(std))
     ops = [AUGMENTS[name] for name in augment]
 
     def apply(x: torch.Tensor) -> torch.Tensor:

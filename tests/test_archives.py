@@ -11,41 +11,13 @@ import stat
 import struct
 import tarfile
 import zipfile
-from pathlib import Path
 
 import pytest
 
-from conftest import fetch_fails, files_of, image_tree, raw_state, write_tar, write_zip
+from helpers.archives import MiB, assert_nothing_escaped, build, files_of, good_members, outside, tar_info, zip_info
+from helpers.checks import fetch_fails
+from helpers.files import raw_state
 from pipeline.fetch_data import fetch
-
-MiB = 1 << 20
-
-
-def zip_info(name: str, mode: int) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name)
-    info.create_system = 3  # Unix: the high 16 bits of external_attr are st_mode
-    info.external_attr = mode << 16
-    return info
-
-
-def tar_info(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = linkname
-    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-        info.devmajor, info.devminor = 1, 3  # /dev/null's numbers
-    return info
-
-
-def good_members(tmp_path: Path) -> dict:
-    return files_of(image_tree(tmp_path / "good_src", split=False))
-
-
-def outside(tmp_path: Path) -> Path:
-    """Where absolute-path and link members point: a folder outside the project."""
-    folder = tmp_path / "outside"
-    folder.mkdir(exist_ok=True)
-    return folder
 
 
 # name -> (format, bad members given tmp_path, texts the error must hold[, params to set])
@@ -94,21 +66,6 @@ CASES = {
 }
 
 
-def build(tmp_path: Path, project, fmt: str, bad: dict) -> Path:
-    members = {**good_members(tmp_path), **bad}  # bad members last
-    path = project.path(f"data/sources/bad.{fmt}")
-    return write_zip(path, members) if fmt == "zip" else write_tar(path, members)
-
-
-def assert_nothing_escaped(tmp_path: Path, project) -> None:
-    """No file, folder or link named evil* anywhere near the project, nor in `outside/`, nor where
-    '..' members would have resolved from data/<tmp>/.incoming/."""
-    escaped = list(tmp_path.rglob("evil*"))
-    assert escaped == [], escaped
-    assert not (outside(tmp_path) / "evil.txt").exists()
-    assert list(outside(tmp_path).iterdir()) == []
-    for up in range(1, 7):
-        assert not (project.path("data/x/.incoming") / ("../" * up + "evil.txt")).resolve().exists()
 
 
 @pytest.mark.parametrize("case", list(CASES))

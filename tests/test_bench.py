@@ -1,19 +1,18 @@
-"""pipeline.memwatch's memory high-water marks, `python -m pipeline.bench --scale N` end to end, and the
+"""tools.memwatch's memory high-water marks, `python -m tools.bench --scale N` end to end, and the
 loop ceiling's count of convolution FLOPs."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import torch
-from conftest import REPO
 
-from pipeline.bench import conv_ceiling
-from pipeline.engine import Runtime
+from helpers.project import REPO, committed
 from pipeline.models import build_model
+from pipeline.runtime import Runtime
+from tools.bench import conv_ceiling
 
 # Allocates 200 MiB of heap in a child process, then 50 MiB in its own.
 HOG = """
@@ -39,7 +38,7 @@ def marks(stdout: str) -> dict[str, float]:
 
 def test_memwatch_counts_child_processes(tmp_path):
     (tmp_path / "hog.py").write_text(HOG)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.memwatch", "hog"], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "tools.memwatch", "hog"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60, env={"PYTHONPATH": f"{REPO}:{tmp_path}", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     m = marks(proc.stdout)
@@ -48,8 +47,8 @@ def test_memwatch_counts_child_processes(tmp_path):
 
 
 def test_bench_scale_reports_fetch_and_prepare(tmp_path):
-    shutil.copy(REPO / "params.yaml", tmp_path)  # bench runs in a project folder, like the stages
-    proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--scale", "3000"], cwd=tmp_path,
+    (tmp_path / "params.yaml").write_text(committed("params.yaml"))  # bench runs in a project folder, like the stages
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "--scale", "3000"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "reports/bench_scale.json").read_text())

@@ -7,16 +7,17 @@ import dataclasses
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers.project import committed, committed_params
 from pipeline.cli import parse_overrides
-from pipeline.config import ConfigError, Params, PipelineError, load_params
+from pipeline.config import Params, load_params
+from pipeline.errors import ConfigError, PipelineError
 
 
 def repo_params() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    return yaml.safe_load(committed("params.yaml"))
 
 
-def write_params(tmp_path, raw) -> str:
+def params_file(tmp_path, raw) -> str:
     path = tmp_path / "params.yaml"
     path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw, sort_keys=False))
     return str(path)
@@ -30,7 +31,7 @@ def with_value(dotted: str, value) -> dict:
 
 
 def test_repo_params_load_and_match_the_file():
-    params = load_params(REPO / "params.yaml")
+    params = committed_params()
     raw = repo_params()
     assert isinstance(params, Params)
     flat = params.flat()
@@ -44,7 +45,7 @@ def test_repo_params_load_and_match_the_file():
 
 
 def test_params_are_frozen():
-    params = load_params(REPO / "params.yaml")
+    params = committed_params()
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.prepare.image_size = 64  # type: ignore[misc]
 
@@ -108,7 +109,7 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("key,value,expected", BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES])
 def test_bad_value_is_rejected_naming_the_key(tmp_path, key, value, expected):
-    path = write_params(tmp_path, with_value(key, value))
+    path = params_file(tmp_path, with_value(key, value))
     with pytest.raises(ConfigError) as err:
         load_params(path)
     message = str(err.value)
@@ -123,7 +124,7 @@ def test_bad_value_is_rejected_naming_the_key(tmp_path, key, value, expected):
 ])
 def test_good_values_are_accepted(tmp_path, key, value):
     """The validator is not simply rejecting everything: valid neighbours of the bad values load."""
-    params = load_params(write_params(tmp_path, with_value(key, value)))
+    params = load_params(params_file(tmp_path, with_value(key, value)))
     got = params.flat()[key]
     assert got == ([] if value is None and key == "train.augment" else value)
 
@@ -134,7 +135,7 @@ def test_unknown_key_is_rejected_naming_it_and_the_allowed_ones(tmp_path, key):
     raw = repo_params()
     raw[section][name] = 1
     with pytest.raises(ConfigError) as err:
-        load_params(write_params(tmp_path, raw))
+        load_params(params_file(tmp_path, raw))
     message = str(err.value)
     assert message.startswith(f"{key}: unknown key"), message
     for allowed in repo_params()[section]:
@@ -145,7 +146,7 @@ def test_unknown_section_is_rejected(tmp_path):
     raw = repo_params()
     raw["serve"] = {"port": 8080}
     with pytest.raises(ConfigError, match=r"^serve: unknown key; allowed in params.yaml: base, data, prepare"):
-        load_params(write_params(tmp_path, raw))
+        load_params(params_file(tmp_path, raw))
 
 
 @pytest.mark.parametrize("key", ["data.timeout_s", "prepare.max_image_pixels", "base.seed", "mlflow.experiment"])
@@ -154,14 +155,14 @@ def test_missing_key_is_an_error_not_a_default(tmp_path, key):
     raw = repo_params()
     del raw[section][name]
     with pytest.raises(ConfigError, match=rf"^{key}: missing from params.yaml"):
-        load_params(write_params(tmp_path, raw))
+        load_params(params_file(tmp_path, raw))
 
 
 def test_missing_section_is_an_error(tmp_path):
     raw = repo_params()
     del raw["evaluate"]
     with pytest.raises(ConfigError, match=r"^evaluate: missing"):
-        load_params(write_params(tmp_path, raw))
+        load_params(params_file(tmp_path, raw))
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -171,14 +172,14 @@ def test_missing_section_is_an_error(tmp_path):
 ])
 def test_malformed_file(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected):
-        load_params(write_params(tmp_path, text))
+        load_params(params_file(tmp_path, text))
 
 
 def test_section_that_is_not_a_mapping_names_the_section(tmp_path):
     raw = repo_params()
     raw["prepare"] = 5
     with pytest.raises(ConfigError, match=r"^prepare: expected a mapping, got 5"):
-        load_params(write_params(tmp_path, raw))
+        load_params(params_file(tmp_path, raw))
 
 
 def test_missing_file(tmp_path):
@@ -190,10 +191,10 @@ def test_missing_file(tmp_path):
 def test_float_in_exponent_notation_is_a_float(tmp_path, text, expected):
     """PyYAML (YAML 1.1) reads `1e-9` without a dot as a string; a float key takes it as the number."""
     assert yaml.safe_load(f"lr: {text}")["lr"] == text  # the YAML quirk itself
-    text_file = (REPO / "params.yaml").read_text().replace("weight_decay: ", f"weight_decay: {text} #")
-    path = write_params(tmp_path, text_file)
+    text_file = committed("params.yaml").replace("weight_decay: ", f"weight_decay: {text} #")
+    path = params_file(tmp_path, text_file)
     assert load_params(path).train.weight_decay == expected
-    assert load_params(write_params(tmp_path, repo_params()), {"train.lr": text}).train.lr == expected
+    assert load_params(params_file(tmp_path, repo_params()), {"train.lr": text}).train.lr == expected
     with pytest.raises(ConfigError, match=r"^train.lr: invalid value '1e-9x'; allowed: a float"):
         load_params(path, {"train.lr": "1e-9x"})
     with pytest.raises(ConfigError, match=r"^train.epochs: invalid value '1e3'; allowed: a int"):
@@ -201,7 +202,7 @@ def test_float_in_exponent_notation_is_a_float(tmp_path, text, expected):
 
 
 def test_overrides_are_yaml_values_and_validated(tmp_path):
-    path = write_params(tmp_path, repo_params())
+    path = params_file(tmp_path, repo_params())
     params = load_params(path, {"prepare.image_size": "16", "train.augment": "[flip, crop]", "data.sha256": "null"})
     assert params.prepare.image_size == 16
     assert params.train.augment == ("flip", "crop")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,19 +14,15 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO, Project
-from test_train import EPOCH_METRICS, finish, start_train, wait_for_checkpoint
+from helpers.project import REPO, Project
+from helpers.training import EPOCH_METRICS, wait_for_checkpoint
 
 FAST = dict(prepare__image_size=12, train__hidden_units=12, train__epochs=6, train__patience=10,
             train__batch_size=32)
 
 
 def new_project(root, mlflow_template, nproc: int) -> Project:
-    root.mkdir(parents=True)
-    shutil.copy(mlflow_template, root / "mlflow.db")
-    (root / "project").mkdir()
-    project = Project(root / "project", root / "mlflow.db")
-    project.set(**FAST, train__nproc=nproc)
+    project = Project.create(root, mlflow_template, **FAST, train__nproc=nproc)
     project.run("fetch_data")
     project.run("prepare")
     return project
@@ -74,15 +69,16 @@ def test_two_processes_log_one_run_with_global_metrics(ddp_reference, tmp_path, 
 def test_killed_ddp_run_resumes_to_the_same_result(ddp_reference, tmp_path, mlflow_template):
     """kill -9 of torchrun and both workers after a checkpoint; the re-run resumes under DDP in the same
     MLflow run and ends where the uninterrupted 2-process run ended."""
-    from pipeline.train import read_checkpoint
+    from pipeline.checkpoint import read_checkpoint
 
     _, _, ref = ddp_reference
     project = new_project(tmp_path / "killed", mlflow_template, nproc=2)
     ckpt_path = project.path(".checkpoints/train.pt")
-    proc = start_train(project, new_session=True)
-    left = wait_for_checkpoint(project, proc, epoch=2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the stage, torchrun and both workers: nothing runs a handler
-    out = finish(proc)
+    bg = project.start_stage("train")
+    left = wait_for_checkpoint(project, bg, epoch=2)
+    bg.signal_group(signal.SIGKILL)  # the stage, torchrun and both workers: nothing runs a handler
+    bg.proc.wait(timeout=60)
+    out = bg.output()
     assert 2 <= left["epoch"] < 6, out[-3000:]
     # torchrun's workers, in sessions of their own, get SIGTERM as their parent dies: rank 0 ends the run
     # KILLED. Orphaned, they would train on, finish the run and delete the checkpoint.

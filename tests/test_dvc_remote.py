@@ -9,9 +9,9 @@ import threading
 import zipfile
 
 import pytest
-import yaml
 
-from conftest import commit_all, make_images, ran_stages, sh
+from helpers.images import make_images
+from helpers.project import ran_stages, sh
 
 
 @pytest.fixture
@@ -39,15 +39,13 @@ def zip_server(tmp_path):
 
 
 def test_push_then_fresh_clone_pulls_and_reproduces_nothing(repo, zip_server, tmp_path):
-    root, env = repo
+    root, env = repo.root, repo.env()
     url, stop_server = zip_server
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["source"] = url
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo.set(data__source=url)
     sh(["dvc", "repro"], root, env)
     remote = tmp_path / "remote"
     sh(["dvc", "remote", "add", "-d", "store", str(remote)], root, env)
-    commit_all(root, env, "pipeline run with a remote")
+    repo.commit("pipeline run with a remote")
     pushed = sh(["dvc", "push"], root, env)
     assert "pushed" in pushed.stdout.lower()
     assert any(remote.rglob("*")), "nothing reached the remote"

@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import evaluate
-from pipeline.evaluate import compute_metrics
+from pipeline.dataset import DatasetMeta
+from pipeline.metrics import compute_metrics
 
-test_data_hash = evaluate.test_data_hash
-test_data_hash.__test__ = False  # a pipeline function, not a test
+
+def test_data_hash(meta: dict) -> str:
+    """The digest evaluate records for meta.json's test split."""
+    return DatasetMeta.from_json(meta).split_digest("test")
+
+
+test_data_hash.__test__ = False  # a helper, not a test
 
 # -- compute_metrics on tiny fixed cases, expected values worked out by hand ----------------------
 
@@ -81,8 +86,9 @@ def test_top5_accuracy_only_with_more_than_five_classes():
 
 
 def test_test_data_hash_depends_only_on_the_test_split():
-    meta = {"splits": {"train": {"sha256": {"train.npy": "1", "train.csv": "2"}},
-                       "test": {"sha256": {"test.npy": "3", "test.csv": "4"}}}}
+    meta = {"image_size": 8, "channels": 1, "classes": ["a", "b"], "mean": [0.5], "std": [0.2], "source": None,
+            "raw_sha256": None, "splits": {"train": {"count": 2, "sha256": {"train.npy": "1", "train.csv": "2"}},
+                                           "test": {"count": 2, "sha256": {"test.npy": "3", "test.csv": "4"}}}}
     h = test_data_hash(meta)
     other_train = json.loads(json.dumps(meta))
     other_train["splits"]["train"]["sha256"]["train.npy"] = "9"

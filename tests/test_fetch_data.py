@@ -1,6 +1,6 @@
 """Stage fetch_data: every data.source kind, the download cache, and failures that leave data/raw alone.
 
-URL sources are served by a real HTTP server on 127.0.0.1 (conftest.LoopbackServer); nothing here
+URL sources are served by a real HTTP server on 127.0.0.1 (helpers.http.LoopbackServer); nothing here
 reaches beyond the loopback interface. Most cases call the stage's `fetch` in-process (Project.call);
 the ones about what a user sees (exit status, the error line, no hang) run `python -m pipeline.fetch_data`.
 """
@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (REPO, assert_failed_cleanly, fetch_fails, files_of, image_tree, make_images, raw_state,
-                      snapshot, write_tar, write_zip)
+from helpers.archives import files_of, write_tar, write_zip
+from helpers.checks import assert_failed_cleanly, fetch_fails
+from helpers.files import raw_state, snapshot
+from helpers.images import image_tree, make_images
+from helpers.project import REPO
 from pipeline.fetch_data import fetch
 from pipeline.prepare import prepare
 

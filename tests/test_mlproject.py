@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
 
+from helpers.project import REPO, Repo
 from pipeline import repro
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 
 STAGES = ("fetch_data", "prepare", "train", "evaluate")
 
@@ -49,34 +47,24 @@ def test_mlproject_entry_points():
 def mlflow_project(eval_trained, tmp_path) -> tuple[Path, str, dict]:
     """A git copy of the repo holding what fetch_data, prepare and train produced, a copy of their
     MLflow store, and the environment `mlflow run` gets there: (repo, tracking URI, env)."""
-    repo = tmp_path / "repo"
-    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True,
-                             check=True).stdout.splitlines()
-    for rel in tracked:
-        if (REPO / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, repo / rel)
+    repo = Repo.create(tmp_path / "repo")
     for rel in ("params.yaml", "data/prepared", "models", "reports"):
-        src, dst = eval_trained.path(rel), repo / rel
+        src, dst = eval_trained.path(rel), repo.path(rel)
         if src.is_dir():
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(src, dst)
         else:
             shutil.copy2(src, dst)
     for stale in ("metrics.json", "promotion.json", "predictions.csv"):  # the repo's, not this run's
-        (repo / "reports" / stale).unlink(missing_ok=True)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false"]
-    subprocess.run([*git, "init", "-q", str(repo)], check=True)
-    subprocess.run([*git, "-C", str(repo), "add", "-A", "-f"], check=True)
-    subprocess.run([*git, "-C", str(repo), "commit", "-q", "-m", "snapshot"], check=True)
+        repo.path("reports").joinpath(stale).unlink(missing_ok=True)
+    repo.git("add", "-A", "-f")
+    repo.git("commit", "-q", "-m", "snapshot")
     db = tmp_path / "mlflow.db"
     shutil.copy(eval_trained.tracking_uri.removeprefix("sqlite:///"), db)
     uri = f"sqlite:///{db}"
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "PYTHONPATH"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["MLFLOW_TRACKING_URI"] = uri
-    return repo, uri, env
+    env = {**repo.env(), "MLFLOW_TRACKING_URI": uri}
+    env.pop("PYTHONPATH")
+    return repo.root, uri, env
 
 
 def test_mlflow_run_evaluate_entry_point(eval_trained, tmp_path):

@@ -1,4 +1,4 @@
-"""The model registry (pipeline/models.py): every architecture builds and runs for any class count,
+"""The architecture table (pipeline/models.py): every architecture builds and runs for any class count,
 1 or 3 channels and small images; finetune modes really freeze; pretrained weights load offline."""
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from conftest import REPO
-from pipeline.config import PipelineError, load_params
-from pipeline.engine import resolve_runtime, train_one_epoch
-from pipeline.models import MODELS, MinSize, ReLU, apply_finetune, build_model, resolve_weights, set_train_mode, unwrap
-from pipeline.train import build, make_optimizer
-from pipeline.transforms import eval_transforms
+from helpers.project import committed_params
+from pipeline.dataset import DatasetMeta
+from pipeline.engine import Learner, make_optimizer, train_one_epoch
+from pipeline.errors import PipelineError
+from pipeline.models import ARCHITECTURES, MinSize, ReLU, apply_finetune, build_model, set_train_mode, unwrap
+from pipeline.runtime import resolve_runtime
+from pipeline.train import build
+from pipeline.transforms import Norm, eval_transforms
+from pipeline.weights import resolve_weights
 
 ALL_MODELS = ["tinyvgg", "vgg11_bn", "vgg16", "vgg16_bn", "resnet18", "efficientnet_b0",
               "mobilenet_v3_small", "mobilenet_v3_large"]
@@ -26,9 +29,9 @@ BIG = {"vgg11_bn", "vgg16", "vgg16_bn"}  # 130M+ parameters: batch of 2
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
-def test_the_registry_is_the_documented_list():
+def test_the_architecture_table_is_the_documented_list():
     # params.yaml documents these names; a model added or dropped must be added to these tests too.
-    assert sorted(MODELS) == sorted(ALL_MODELS)
+    assert sorted(ARCHITECTURES) == sorted(ALL_MODELS)
 
 
 def small(name: str, num_classes: int, channels: int, size: int, **kw) -> nn.Module:
@@ -139,9 +142,8 @@ def one_epoch(name: str, finetune: str, seed: int = 0):
     torch.manual_seed(seed)
     net = small(name, 3, 3, 16)
     frozen = apply_finetune(net, name, finetune, 1)
-    cfg = load_params(REPO / "params.yaml", {"train.model": name, "train.finetune": finetune,
-                                             "train.optimizer": "adamw", "train.lr": "0.01",
-                                             "train.weight_decay": "0.1", "train.scheduler": "none"}).train
+    cfg = committed_params({"train.model": name, "train.finetune": finetune, "train.optimizer": "adamw",
+                            "train.lr": "0.01", "train.weight_decay": "0.1", "train.scheduler": "none"}).train
     rt = resolve_runtime("cpu", "fp32")
     opt, sched = make_optimizer(cfg, net, 3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -149,8 +151,9 @@ def one_epoch(name: str, finetune: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 3, (16,), generator=g)
-    train_one_epoch(net, images, labels, eval_transforms([0.5] * 3, [0.25] * 3), opt, sched, rt.grad_scaler(),
-                    nn.CrossEntropyLoss(), 8, g, rt, 3)
+    learner = Learner(net=net, optimizer=opt, scheduler=sched, scaler=rt.grad_scaler(),
+                      loss_fn=nn.CrossEntropyLoss(), generator=g, rt=rt, frozen=frozen)
+    train_one_epoch(learner, images, labels, eval_transforms(Norm((0.5,) * 3, (0.25,) * 3)), 8)
     return net, frozen, before, opt
 
 
@@ -169,7 +172,7 @@ def test_finetune_trains_only_what_it_says(name, finetune):
 def test_every_parameter_is_in_a_block_or_the_head(name):
     # Otherwise `last_n` trains it whatever unfreeze_last says while `head` freezes it.
     net = unwrap(small(name, 3, 1, 16))
-    spec = MODELS[name]
+    spec = ARCHITECTURES[name]
     head = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]  # the final Linear, 3 outputs
     assert head.out_features == 3
     covered = {id(p) for block in spec.blocks(net) for p in block.parameters()}
@@ -255,10 +258,11 @@ def test_torchvision_weights_come_from_the_hub_cache_as_they_are(torch_home, wei
     with open(path, "rb") as f:
         assert not hashlib.sha256(f.read()).hexdigest().startswith(prefix)
 
-    state, norm = resolve_weights("mobilenet_v3_small", weights)
+    pretrained = resolve_weights("mobilenet_v3_small", weights)
+    state, norm = pretrained.state, pretrained.norm
     assert state.keys() == donor.keys()
     assert all(torch.equal(state[k], donor[k]) for k in donor)
-    assert norm["mean"] == pytest.approx(IMAGENET["mean"]) and norm["std"] == pytest.approx(IMAGENET["std"])
+    assert norm.mean == pytest.approx(IMAGENET["mean"]) and norm.std == pytest.approx(IMAGENET["std"])
 
     # built for 1 channel and 4 classes: features loaded, first conv = sum over RGB, new classifier
     net = unwrap(small("mobilenet_v3_small", 4, 1, 32, pretrained=state))
@@ -284,16 +288,18 @@ def test_pretrained_normalisation_fits_greyscale_data(torch_home):
     path = cache_file(torch_home, "mobilenet_v3_small")
     os.makedirs(os.path.dirname(path))
     torch.save(random_donor("mobilenet_v3_small"), path)
-    cfg = load_params(REPO / "params.yaml", {"train.model": "mobilenet_v3_small", "train.weights": "DEFAULT",
-                                             "train.finetune": "head"}).train
-    meta = {"classes": ["a", "b"], "channels": 1, "image_size": 16, "mean": [0.3], "std": [0.2]}
-    net, frozen, config = build(cfg, meta)
-    assert config["mean"] == pytest.approx([sum(IMAGENET["mean"]) / 3])
-    assert config["std"] == pytest.approx([sum(IMAGENET["std"]) / 3])
-    x = eval_transforms(config["mean"], config["std"])(torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8))
+    cfg = committed_params({"train.model": "mobilenet_v3_small", "train.weights": "DEFAULT",
+                            "train.finetune": "head"}).train
+    meta = DatasetMeta(image_size=16, channels=1, classes=("a", "b"), mean=(0.3,), std=(0.2,), source=None,
+                       raw_sha256=None, splits={})
+    network = build(cfg, meta)
+    config = network.config
+    assert config.mean == pytest.approx([sum(IMAGENET["mean"]) / 3])
+    assert config.std == pytest.approx([sum(IMAGENET["std"]) / 3])
+    x = eval_transforms(Norm(config.mean, config.std))(torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8))
     assert x.shape == (2, 1, 16, 16)
     with torch.no_grad():
-        assert net.eval()(x).shape == (2, 2)
+        assert network.net.eval()(x).shape == (2, 2)
 
 
 def test_weights_names_are_checked(torch_home):
@@ -308,7 +314,8 @@ def test_weights_from_a_local_state_dict(tmp_path):
     donor = small("tinyvgg", 5, 3, 16)
     plain = tmp_path / "weights.pt"
     torch.save(donor.state_dict(), plain)
-    state, norm = resolve_weights("tinyvgg", str(plain))
+    pretrained = resolve_weights("tinyvgg", str(plain))
+    state, norm = pretrained.state, pretrained.norm
     assert norm is None  # prepare's statistics are used
     torch.manual_seed(2)
     net = small("tinyvgg", 3, 3, 16, pretrained=state)  # 3 classes: the 5-class classifier is dropped
@@ -322,8 +329,9 @@ def test_weights_from_a_local_state_dict(tmp_path):
     model_pt = tmp_path / "model.pt"
     torch.save({"state_dict": donor.state_dict(), "config": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}},
                model_pt)
-    state, norm = resolve_weights("tinyvgg", str(model_pt))
-    assert norm == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    pretrained = resolve_weights("tinyvgg", str(model_pt))
+    state, norm = pretrained.state, pretrained.norm
+    assert norm == Norm((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
     assert all(torch.equal(state[k], theirs[k]) for k in theirs)
 
     with pytest.raises(PipelineError, match="no such file"):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import inside_project
+from helpers.project import inside_project
 
 from pipeline import predict
 

@@ -8,11 +8,13 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import clone_project, inside_project
 
-from pipeline import compare, evaluate
+from helpers.project import inside_project
+from pipeline import champion, compare, evaluate
 from pipeline.cli import run_stage
-from pipeline.config import PARAMS_FILE, PipelineError, load_params
+from pipeline.config import PARAMS_FILE, load_params
+from pipeline.dataset import DatasetMeta
+from pipeline.errors import PipelineError
 
 NAME = "image-classifier"  # params.yaml mlflow.registered_model
 FAKE_SOURCE = "file:///nonexistent/fake-champion"  # a champion that evaluate must never need to load
@@ -45,7 +47,7 @@ def fake_champion(project, score: float, test_hash: str) -> int:
 
 
 def current_test_hash(project) -> str:
-    return evaluate.test_data_hash(read_json(project, "data/prepared/meta.json"))
+    return DatasetMeta.from_json(read_json(project, "data/prepared/meta.json")).split_digest("test")
 
 
 def evaluate_in_process(project, **overrides) -> dict:
@@ -69,7 +71,7 @@ def evaluate_in_process(project, **overrides) -> dict:
     (0.7, 0.8, -0.5, False),    # a negative delta never lets a worse model through
 ])
 def test_decide(new, champ, min_delta, promote):
-    decided, reason = evaluate.decide(new, champ, min_delta, "accuracy")
+    decided, reason = champion.decide(new, champ, min_delta, "accuracy")
     assert decided is promote
     assert reason and ("no champion" in reason) == (champ is None)
 
@@ -91,7 +93,7 @@ def new_score(eval_done) -> float:
     ("min_delta smaller than the gain", -0.01, 0.005, True),
 ])
 def test_promotion_against_a_recorded_champion(eval_trained, new_score, tmp_path, case, offset, min_delta, promote):
-    project = clone_project(eval_trained, tmp_path)
+    project = eval_trained.clone(tmp_path)
     champ_score = new_score + offset
     champ = fake_champion(project, champ_score, current_test_hash(project))
 
@@ -116,7 +118,7 @@ def test_promotion_against_a_recorded_champion(eval_trained, new_score, tmp_path
 def two_runs(eval_done, tmp_path_factory):
     """eval_done (a 3-epoch model, @champion v1) plus a second, much worse training run (one epoch
     at a tiny learning rate) that was evaluated too: two real runs, two versions."""
-    project = clone_project(eval_done, tmp_path_factory.mktemp("two-runs"))
+    project = eval_done.clone(tmp_path_factory.mktemp("two-runs"))
     project.set(train__epochs=1, train__lr=1e-5)
     project.run("train")
     project.run("evaluate")
@@ -144,7 +146,7 @@ def test_a_worse_second_training_run_does_not_move_the_champion(eval_done, two_r
 def test_champion_scored_on_other_data_is_rescored_on_todays_test_split(two_runs, tmp_path):
     import mlflow
 
-    project = clone_project(two_runs, tmp_path)
+    project = two_runs.clone(tmp_path)
     old_hash = current_test_hash(project)
     project.set(prepare__test_fraction=0.3)  # another split of the same images
     project.run("prepare")
@@ -177,7 +179,7 @@ def test_champion_scored_on_other_data_is_rescored_on_todays_test_split(two_runs
 
 
 def test_evaluation_failing_after_registration_leaves_the_alias(eval_trained, tmp_path):
-    project = clone_project(eval_trained, tmp_path)
+    project = eval_trained.clone(tmp_path)
     champ = fake_champion(project, 0.0, current_test_hash(project))  # any real model would beat it
     blocker = project.path("reports/promotion.json")  # the last output before the alias moves
     blocker.mkdir(parents=True)
@@ -204,7 +206,7 @@ def test_evaluation_failing_after_registration_leaves_the_alias(eval_trained, tm
 
 
 def test_corrupted_test_split_fails_before_touching_mlflow(eval_done, tmp_path, caplog):
-    project = clone_project(eval_done, tmp_path)
+    project = eval_done.clone(tmp_path)
     train = read_json(project, "reports/train.json")
     npy = project.path("data/prepared/test.npy")
     data = bytearray(npy.read_bytes())
@@ -229,7 +231,7 @@ def test_corrupted_test_split_fails_before_touching_mlflow(eval_done, tmp_path, 
 
 
 def test_missing_model_is_a_clear_error(eval_trained, tmp_path):
-    project = clone_project(eval_trained, tmp_path)
+    project = eval_trained.clone(tmp_path)
     project.path("models/model.pt").unlink()
     with inside_project(project), pytest.raises(PipelineError, match="train stage"):
         evaluate.main(load_params(PARAMS_FILE))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from conftest import TRAIN_FAST, copy_prepared
-from pipeline.train import read_checkpoint
-from test_train import (EPOCH_METRICS, LEARNED, assert_same_tensors, client, finish, history, model_pt, runs,
-                        start_train, summary, wait_for_checkpoint)
+from helpers.project import TRAIN_FAST, copy_prepared
+from helpers.training import (EPOCH_METRICS, LEARNED, assert_same_tensors, history, model_pt, summary,
+                              wait_for_checkpoint)
+from pipeline.checkpoint import read_checkpoint
 
 
 def test_killed_run_resumes_in_the_same_mlflow_run_to_the_same_result(train_data, train_reference, tmp_path,
@@ -14,21 +14,20 @@ def test_killed_run_resumes_in_the_same_mlflow_run_to_the_same_result(train_data
     p = copy_prepared(train_data, tmp_path, mlflow_template)  # train_reference's params and data
     ckpt_path = p.path(".checkpoints/train.pt")
 
-    proc = start_train(p)
-    first = wait_for_checkpoint(p, proc, epoch=2)
-    proc.kill()  # SIGKILL: no handler runs, the MLflow run is left RUNNING
-    finish(proc)
-    assert proc.returncode == -9
+    bg = p.start_stage("train")
+    first = wait_for_checkpoint(p, bg, epoch=2)
+    bg.kill()  # SIGKILL: no handler runs, the MLflow run is left RUNNING
+    assert bg.returncode == -9
     left = read_checkpoint(ckpt_path)
     k = left["epoch"]
     assert 2 <= k < epochs, f"killed after epoch {k}: too late to test resuming"
     assert left["run_id"] == first["run_id"]
-    (run,) = runs(p)
+    (run,) = p.runs()
     assert run.info.status == "RUNNING"
     assert not p.path("models/model.pt").exists()
     # the checkpoint is written before an epoch's metrics are logged: none beyond it (epoch k's may
     # be missing when the kill fell between the two; the resumed run logs it then, and only it)
-    logged = sorted(m.step for m in client(p).get_metric_history(run.info.run_id, "val_loss"))
+    logged = sorted(m.step for m in p.client().get_metric_history(run.info.run_id, "val_loss"))
     assert logged in (list(range(1, k + 1)), list(range(1, k)))
     print(f"killed after epoch {k}'s checkpoint; val_loss logged for epochs {logged}")
 
@@ -38,10 +37,10 @@ def test_killed_run_resumes_in_the_same_mlflow_run_to_the_same_result(train_data
     assert f"epoch {k + 1}/{epochs}" in resumed.stderr
 
     # one MLflow run, reopened and finished; each epoch's metrics logged exactly once
-    (run,) = runs(p)
+    (run,) = p.runs()
     assert run.info.run_id == left["run_id"] == summary(p)["run_id"]
     assert run.info.status == "FINISHED"
-    c = client(p)
+    c = p.client()
     for key in EPOCH_METRICS:
         assert sorted(m.step for m in c.get_metric_history(run.info.run_id, key)) == list(range(1, epochs + 1)), key
 
@@ -56,17 +55,16 @@ def test_checkpoint_of_other_params_is_set_aside_and_its_run_marked_killed(train
     """Killed, then run again with another train.lr: no resume (the checkpoint is set aside as
     train.stale), a new run trains from epoch 1, and the killed run no longer shows as RUNNING."""
     p = copy_prepared(train_data, tmp_path, mlflow_template)
-    proc = start_train(p)
-    first = wait_for_checkpoint(p, proc, epoch=1)
-    proc.kill()
-    finish(proc)
+    bg = p.start_stage("train")
+    first = wait_for_checkpoint(p, bg, epoch=1)
+    bg.kill()
     p.set(train__lr=p.params()["train"]["lr"] / 2)
 
     again = p.run("train")
     assert "params or data changed; kept as train.stale" in again.stderr, again.stderr
     assert "resuming MLflow run" not in again.stderr and f"epoch 1/{TRAIN_FAST['train__epochs']}" in again.stderr
     assert p.path(".checkpoints/train.stale").exists()
-    old = client(p).get_run(first["run_id"])
+    old = p.client().get_run(first["run_id"])
     assert old.info.status == "KILLED" and "checkpoint was set aside" in old.data.tags["abandoned"]
-    (new,) = [r for r in runs(p) if r.info.run_id != first["run_id"]]
+    (new,) = [r for r in p.runs() if r.info.run_id != first["run_id"]]
     assert new.info.status == "FINISHED" and new.info.run_id == summary(p)["run_id"]

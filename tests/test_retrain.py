@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
-import yaml
-
-from conftest import VENV_BIN, commit_all, make_images, ran_stages, sh
+from helpers.images import make_images
+from helpers.project import VENV_BIN, ran_stages, sh
 
 def test_data_change_reruns_exactly_downstream(repo):
-    root, env = repo
+    root, env = repo.root, repo.env()
     first = sh(["dvc", "repro"], root, env)
     assert ran_stages(first.stdout) == {"fetch_data", "prepare", "train", "evaluate"}
-    commit_all(root, env, "first repro")
+    repo.commit("first repro")
 
     again = sh(["dvc", "repro"], root, env)
     assert ran_stages(again.stdout) == set(), again.stdout
@@ -35,20 +33,16 @@ def test_data_change_reruns_exactly_downstream(repo):
     assert raw["counts"]["all"]["square"] == 13
 
     # A params change of one stage re-runs that stage and those after it only.
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["evaluate"]["promote_min_delta"] = 0.5
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo.set(evaluate__promote_min_delta=0.5)
     only_eval = sh(["dvc", "repro"], root, env)
     assert ran_stages(only_eval.stdout) == {"evaluate"}
 
 
 def test_make_retrain_writes_summary(repo):
-    root, env = repo
+    root, env = repo.root, repo.env()
     sh(["dvc", "repro"], root, env)
-    commit_all(root, env, "baseline")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"]["lr"] = 0.01
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo.commit("baseline")
+    repo.set(train__lr=0.01)
     summary_file = root / "gh_summary.md"
     env = {**env, "GITHUB_STEP_SUMMARY": str(summary_file), "RETRAIN_BASE": "HEAD"}
     # -o: the venv is this checkout's, already installed; make must not reinstall into it.
@@ -63,28 +57,20 @@ def test_make_retrain_writes_summary(repo):
     promotion = json.loads((root / "reports/promotion.json").read_text())
     assert f"Model version {promotion['new_version']}" in text
 
-    commit_all(root, env, "retrained")  # nothing changed since: a sentence each, not empty tables
+    repo.commit("retrained")  # nothing changed since: a sentence each, not empty tables
     sh(["make", "-o", f"{VENV_BIN.parent}/.installed", f"VENV={VENV_BIN.parent}", "retrain"], root, env)
     text = (root / "reports/retrain_summary.md").read_text()
     assert "No metric changed." in text and "No param changed." in text and "| Path" not in text, text
 
 
-def _runs(root: Path):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("image-classifier")
-    return client.search_runs([exp.experiment_id]) if exp else []
-
-
 def test_experiments_and_queued_sweep_are_mlflow_runs(repo):
-    root, env = repo
+    root, env = repo.root, repo.env()
     sh(["dvc", "repro"], root, env)
-    commit_all(root, env, "baseline")
+    repo.commit("baseline")
 
     one = sh(["dvc", "exp", "run", "-n", "lr-high", "-S", "train.lr=0.01"], root, env)
     assert "Running stage 'train'" in one.stdout
-    runs = [r for r in _runs(root) if r.data.tags.get("dvc.exp_name") == "lr-high"]
+    runs = [r for r in repo.runs() if r.data.tags.get("dvc.exp_name") == "lr-high"]
     assert len(runs) == 1 and runs[0].data.params["train.lr"] == "0.01"
     assert runs[0].data.tags["dvc.exp_baseline_rev"]
     assert runs[0].info.status == "FINISHED" and "test_accuracy" in runs[0].data.metrics
@@ -105,7 +91,7 @@ def test_experiments_and_queued_sweep_are_mlflow_runs(repo):
             break
         time.sleep(3)
     assert "Failed" not in status, status
-    sweep = [r for r in _runs(root) if r.data.tags.get("sweep") == "sweep-test"]
+    sweep = [r for r in repo.runs() if r.data.tags.get("sweep") == "sweep-test"]
     assert sorted(r.data.params["train.lr"] for r in sweep) == ["0.002", "0.004"], status
     assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in sweep)
     assert len({r.data.tags["dvc.exp_baseline_rev"] for r in sweep}) == 1

@@ -6,58 +6,24 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from conftest import REPO
+from helpers.mlflow_server import PASSWORD, USER, Server, free_port
 
-USER, PASSWORD = "ci-admin", "s3cret-for-tests"
 FAST = dict(prepare__image_size=8, prepare__min_images_per_class=3, train__epochs=2, train__hidden_units=4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A tracking server process; yields its URL and stops it afterwards."""
-    home = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_SERVER_PORT": str(port),
-           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{home / 'server.db'}",
-           "MLFLOW_ARTIFACTS_DESTINATION": str(home / "artifacts"),
-           "MLFLOW_AUTH_DB_URI": f"sqlite:///{home / 'auth.db'}",
-           "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.server"], cwd=home, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {(home / 'server.log').read_text()}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2).close()
-            break
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise AssertionError(f"server did not start: {(home / 'server.log').read_text()}")
-    yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
-    log.close()
+    """`python -m pipeline.server` (what `make server` runs); yields its URL and stops it afterwards."""
+    server = Server(tmp_path_factory.mktemp("mlflow-server"))
+    server.start(as_make_server=True)
+    yield server.url
+    server.stop()
 
 
 def _get(url: str, auth: bool) -> int:

@@ -4,14 +4,12 @@ interrupted or crashing."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,97 +19,25 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from conftest import (REPO, TRAIN_FAST, CheckpointWatch, clone_project, copy_prepared, inside_project, make_images,
-                      noise_images, prepared_project)
-from pipeline.config import PipelineError
-from pipeline.engine import Runtime, evaluate, place, prepare_model, resolve_runtime, train_one_epoch
+from helpers.images import make_images, noise_images
+from helpers.project import REPO, TRAIN_FAST, copy_prepared, inside_project, prepared_project
+from helpers.training import (EPOCH_METRICS, LEARNED, assert_same_tensors, history, model_pt, rebuild, summary,
+                              wait_for_checkpoint)
+from pipeline.dataset import load_split
+from pipeline.engine import EarlyStopper, Learner, evaluate, train_one_epoch
+from pipeline.errors import PipelineError
 from pipeline.models import build_model, load_classifier
-from pipeline.prepared import load_split
-from pipeline.train import EarlyStopper, read_checkpoint
-from pipeline.transforms import eval_transforms
+from pipeline.runtime import Runtime, place, prepare_model, resolve_runtime
+from pipeline.transforms import Norm, eval_transforms
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second")
-LEARNED = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # history columns that must reproduce
-EXPERIMENT = "image-classifier"  # params.yaml mlflow.experiment
 CPU = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallbacks")
+GREY = Norm((0.0,), (1.0,))
 
 
-# -- helpers shared with test_resume.py -----------------------------------------------------------
-
-
-def client(project):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=project.tracking_uri)
-
-
-def runs(project) -> list:
-    c = client(project)
-    exp = c.get_experiment_by_name(EXPERIMENT)
-    return c.search_runs([exp.experiment_id]) if exp else []
-
-
-def history(project) -> list[dict[str, float]]:
-    with open(project.path("reports/train_history.csv"), newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def summary(project) -> dict:
-    return json.loads(project.path("reports/train.json").read_text())
-
-
-def model_pt(project) -> dict:
-    return torch.load(project.path("models/model.pt"), map_location="cpu", weights_only=True)
-
-
-def rebuild(saved: dict) -> nn.Module:
-    """The network models/model.pt describes, with its weights, in eval mode."""
-    cfg = saved["config"]
-    net = build_model(cfg["model"], cfg["num_classes"], cfg["channels"], cfg["image_size"],
-                      hidden_units=cfg["hidden_units"], batch_norm=cfg["batch_norm"], dropout=cfg["dropout"])
-    net.load_state_dict(saved["state_dict"])
-    return net.eval()
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
-
-
-def start_train(project, new_session: bool = False) -> subprocess.Popen:
-    """`python -m pipeline.train` in `project`, in the background; its output goes to a file (a pipe
-    nobody reads while it runs could fill up and block it). finish() waits and returns the output.
-    `new_session`: in a process group of its own, for os.killpg of the stage and its children."""
-    log = open(project.root.parent / f"train-{time.monotonic_ns()}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project.root, env=project.env(),
-                            stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
-    proc.log = log
-    return proc
-
-
-def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
-    proc.wait(timeout=timeout)
-    proc.log.seek(0)
-    out = proc.log.read()
-    proc.log.close()
-    return out
-
-
-def wait_for_checkpoint(project, proc: subprocess.Popen, epoch: int, timeout: float = 300) -> dict:
-    """Poll train.checkpoint_dir/train.pt until it holds epoch >= `epoch` (while `proc` runs) and
-    return it. The file is replaced atomically, so each version read is whole."""
-    watch = CheckpointWatch(project.path(project.params()["train"]["checkpoint_dir"]) / "train.pt", read_checkpoint)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"train exited {proc.returncode} before epoch {epoch}'s checkpoint:\n{finish(proc)}")
-        if ckpt := watch.at_least(epoch):
-            return ckpt
-        time.sleep(0.002)
-    proc.kill()
-    raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout}s:\n{finish(proc)}")
+def learner(model: nn.Module, opt, rt: Runtime, seed: int) -> Learner:
+    return Learner(net=model, optimizer=opt, scheduler=None, scaler=rt.grad_scaler(), loss_fn=nn.CrossEntropyLoss(),
+                   generator=torch.Generator().manual_seed(seed), rt=rt)
 
 
 # -- EarlyStopper ---------------------------------------------------------------------------------
@@ -190,7 +116,7 @@ LABELS = torch.tensor([0, 1, 2, 0, 2])
 
 def test_evaluate_accuracy_and_loss_are_per_image_over_the_split():
     model = FirstRowVote(3)
-    m = evaluate(model, voting_images(PREDICTED), LABELS, eval_transforms([0.0], [1.0]), 4, CPU, 3)
+    m = evaluate(model, voting_images(PREDICTED), LABELS, eval_transforms(GREY), 4, CPU)
     # per image: 4 of 5 right = 0.8; the mean of per-batch accuracies would be (4/4 + 0/1) / 2 = 0.5
     assert m["val_acc"] == pytest.approx(0.8, abs=1e-6)
     logits = 10 * F.one_hot(torch.tensor(PREDICTED), 3).float()
@@ -205,8 +131,8 @@ def test_train_metrics_are_per_image_over_the_split():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the predictions stay as built
     expected_loss = F.cross_entropy(10 * F.one_hot(torch.tensor(PREDICTED), 3).float(), LABELS).item()
     for seed in range(4):  # the shuffled order puts the wrong image in the full or the short batch
-        m = train_one_epoch(model, voting_images(PREDICTED), LABELS, eval_transforms([0.0], [1.0]), opt, None,
-                            CPU.grad_scaler(), nn.CrossEntropyLoss(), 4, torch.Generator().manual_seed(seed), CPU, 3)
+        m = train_one_epoch(learner(model, opt, CPU, seed), voting_images(PREDICTED), LABELS,
+                            eval_transforms(GREY), 4)
         assert m["train_acc"] == pytest.approx(0.8, abs=1e-6)
         assert m["train_loss"] == pytest.approx(expected_loss, rel=1e-5)
         assert m["epoch_seconds"] > 0 and m["images_per_second"] == pytest.approx(5 / m["epoch_seconds"])
@@ -224,13 +150,13 @@ def test_cuda_without_cuda_is_a_clear_error(device):
 
 @needs_no_cuda
 def test_auto_picks_the_cpu_with_bf16_only_where_it_is_native(monkeypatch):
-    from pipeline import engine
+    from pipeline import runtime
 
     rt = resolve_runtime("auto", "auto")
-    native = engine.cpu_has_native_bf16()
+    native = runtime.cpu_has_native_bf16()
     assert rt.device == torch.device("cpu") and not rt.cuda and rt.channels_last
     assert rt.amp_dtype == (torch.bfloat16 if native else None)
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)  # an older CPU: emulated bf16 is slow
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)  # an older CPU: emulated bf16 is slow
     assert resolve_runtime("auto", "auto").amp_dtype is None
     assert resolve_runtime("cpu", "fp32").amp_dtype is None
 
@@ -248,7 +174,7 @@ def test_precision_on_the_cpu():
 
 KEPT_RSS = """
 import sys, torch
-from pipeline.engine import resolve_runtime
+from pipeline.runtime import resolve_runtime
 if sys.argv[1] == "cpu":
     resolve_runtime("cpu", "fp32")
 def rss_mib():
@@ -263,7 +189,7 @@ print(peak - rss_mib())
 @pytest.mark.skipif(not Path("/proc/self/status").exists() or not os.confstr("CS_GNU_LIBC_VERSION"),
                     reason="glibc on Linux: the malloc tuning and /proc RSS")
 def test_a_cpu_runtime_keeps_freed_memory_for_the_next_batch():
-    # engine.keep_freed_memory: freed tensors stay in the process (the next batch reuses their pages)
+    # runtime.keep_freed_memory: freed tensors stay in the process (the next batch reuses their pages)
     # instead of going back to the kernel and faulting in again.
     def returned_mib(mode: str) -> float:
         out = subprocess.run([sys.executable, "-c", KEPT_RSS, mode], cwd=REPO, capture_output=True, text=True,
@@ -298,9 +224,11 @@ def toy_epoch(rt: Runtime, seed: int = 0):
     y = torch.randint(0, 3, (12,), generator=g)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     net.train()
-    m = train_one_epoch(net, place(x, rt), y, eval_transforms([0.5], [0.25]), opt, None, rt.grad_scaler(),
-                        nn.CrossEntropyLoss(), 4, g, rt, 3)
-    m.update(evaluate(net, x, y, eval_transforms([0.5], [0.25]), 8, rt, 3))
+    norm = Norm((0.5,), (0.25,))
+    lrn = Learner(net=net, optimizer=opt, scheduler=None, scaler=rt.grad_scaler(), loss_fn=nn.CrossEntropyLoss(),
+                  generator=g, rt=rt)
+    m = train_one_epoch(lrn, place(x, rt), y, eval_transforms(norm), 4)
+    m.update(evaluate(net, x, y, eval_transforms(norm), 8, rt))
     return net, before, m
 
 
@@ -345,10 +273,10 @@ def test_run_writes_outputs_and_records_everything_in_mlflow(train_reference):
     assert s["best_val_acc"] == best["val_acc"]
     assert not p.path(".checkpoints/train.pt").exists()  # removed after success
 
-    c = client(p)
+    c = p.client()
     run = c.get_run(s["run_id"])
     assert run.info.status == "FINISHED"
-    assert len(runs(p)) == 1
+    assert len(p.runs()) == 1
 
     params = run.data.params
     assert params["train.lr"] == str(p.params()["train"]["lr"])
@@ -437,7 +365,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(tmp_path, mlflow_template)
     assert s["best_epoch"] == best and s["stopped_epoch"] == best + 2  # patience epochs after the best
     assert "early stopping" in s["stop_reason"] and "patience=2" in s["stop_reason"]
     assert s["best_val_loss"] == val[best - 1]
-    run = client(p).get_run(s["run_id"])
+    run = p.client().get_run(s["run_id"])
     assert run.data.metrics["stopped_epoch"] == s["stopped_epoch"]
     assert run.data.metrics["best_epoch"] == best
 
@@ -448,7 +376,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(tmp_path, mlflow_template)
     split = load_split("val", p.path("data/prepared"))
     trained_on = resolve_runtime("cpu", p.params()["train"]["precision"])  # the numerics train used
     m = evaluate(rebuild(saved), torch.from_numpy(np.array(split.images)), torch.from_numpy(split.labels),
-                 eval_transforms(cfg["mean"], cfg["std"]), 32, trained_on, cfg["num_classes"])
+                 eval_transforms(Norm(tuple(cfg["mean"]), tuple(cfg["std"]))), 32, trained_on)
     assert m["val_loss"] == pytest.approx(val[best - 1], rel=1e-6)
     assert all(abs(v - val[best - 1]) > 1e-5 for e, v in enumerate(val, 1) if e != best)
 
@@ -459,10 +387,10 @@ def test_early_stopping_keeps_the_best_epochs_weights(tmp_path, mlflow_template)
 def test_warm_start_from_a_registered_model(train_reference, tmp_path):
     import mlflow
 
-    p = clone_project(train_reference, tmp_path)
+    p = train_reference.clone(tmp_path)
     with inside_project(p):
         version = mlflow.register_model(summary(p)["model_uri"], "warm-source")
-        client(p).set_registered_model_alias("warm-source", "base", version.version)
+        p.client().set_registered_model_alias("warm-source", "base", version.version)
     # new data with 4 classes (the registered model has 3), same size and channels
     make_images(p.path("data/sources/four"), classes=("circle", "square", "stripes", "bars"), per_class=12,
                 size=16, seed=5)
@@ -476,7 +404,7 @@ def test_warm_start_from_a_registered_model(train_reference, tmp_path):
     source = model_pt(train_reference)
     p.run("train")
     saved = model_pt(p)
-    assert saved["config"]["num_classes"] == 4
+    assert len(saved["config"]["classes"]) == 4
     # the classifier was replaced for 4 classes; everything else came from the registered model and,
     # frozen (finetune: head), is still exactly as loaded, BN statistics included
     assert saved["state_dict"]["classifier.2.weight"].shape == (4, 8 * 3 * 3)
@@ -500,13 +428,14 @@ def test_warm_start_from_a_registered_model(train_reference, tmp_path):
 def test_signal_during_training_kills_the_run_and_writes_nothing(train_data, tmp_path, mlflow_template,
                                                                  sig, code, message):
     p = copy_prepared(train_data, tmp_path, mlflow_template, train__epochs=500, train__patience=500)
-    proc = start_train(p)
-    ckpt = wait_for_checkpoint(p, proc, epoch=1)
-    proc.send_signal(sig)
-    err = finish(proc)
-    assert proc.returncode == code, err
+    bg = p.start_stage("train")
+    ckpt = wait_for_checkpoint(p, bg, epoch=1)
+    bg.send_signal(sig)
+    bg.wait()
+    err = bg.output()
+    assert bg.returncode == code, err
     assert message in err
-    (run,) = runs(p)
+    (run,) = p.runs()
     assert run.info.run_id == ckpt["run_id"]
     assert run.info.status == "KILLED"
     assert not p.path("models/model.pt").exists()
@@ -520,7 +449,7 @@ def test_crash_mid_run_fails_the_run(train_data, tmp_path, mlflow_template):
     proc = p.run("train", check=False)
     assert proc.returncode == 1
     assert "NotADirectoryError" in proc.stderr and "epoch 1/" in proc.stderr  # failed after training began
-    (run,) = runs(p)
+    (run,) = p.runs()
     assert run.info.status == "FAILED"
     assert not p.path("models/model.pt").exists() and not p.path("reports/train.json").exists()
 
@@ -531,7 +460,7 @@ def test_corrupted_prepared_data_fails_cleanly_before_any_run(train_data, tmp_pa
     proc = p.run("train", check=False)
     assert proc.returncode == 1
     assert "val.npy: missing or corrupted" in proc.stderr and "Traceback" not in proc.stderr
-    assert runs(p) == []  # no run was started, so none is left RUNNING
+    assert p.runs() == []  # no run was started, so none is left RUNNING
     assert not p.path("models/model.pt").exists()
 
 

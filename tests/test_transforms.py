@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import AUGMENTATIONS
-from pipeline.transforms import AUGMENTS, crop, eval_transforms, flip, resized_crop, to_float, train_transforms
+from pipeline.transforms import AUGMENTS, Norm, crop, eval_transforms, flip, resized_crop, to_float, train_transforms
 
 
 def batch(n: int = 16, channels: int = 3, size: int = 12, seed: int = 0) -> torch.Tensor:
@@ -99,14 +99,15 @@ def test_resized_crop_is_a_zoomed_window_of_the_image():
 def test_train_transforms_augment_then_normalise_and_continue_the_generator():
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     x = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8, generator=gen(1))
-    plain = eval_transforms(mean, std)(x)
+    norm = Norm(tuple(mean), tuple(std))
+    plain = eval_transforms(norm)(x)
     expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert torch.allclose(plain, expected, atol=1e-6)
-    assert torch.equal(train_transforms(mean, std, (), gen(0))(x), plain)  # no augment: eval transforms
+    assert torch.equal(train_transforms(norm, (), gen(0))(x), plain)  # no augment: eval transforms
 
     g1, g2 = gen(3), gen(3)
-    t1 = train_transforms(mean, std, ("flip", "crop", "trivialaugment"), g1)
-    t2 = train_transforms(mean, std, ("flip", "crop", "trivialaugment"), g2)
+    t1 = train_transforms(norm, ("flip", "crop", "trivialaugment"), g1)
+    t2 = train_transforms(norm, ("flip", "crop", "trivialaugment"), g2)
     first, second = t1(x), t1(x)
     assert not torch.equal(first, second)  # each batch draws new numbers from the generator
     assert torch.equal(t2(x), first) and torch.equal(t2(x), second)  # ... the same ones for the same seed

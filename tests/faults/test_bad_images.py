@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
-from conftest import make_images
-from faults.conftest import error_line, lines_with
-from test_prepare import SPECIAL  # the special files' writers and the checks of their decoded pixels
+from helpers.images import make_images
+from helpers.checks import error_line, lines_with
+from helpers.images import SPECIAL  # the special files' writers and the checks of their decoded pixels
 
 AREA = "Bad images"
 S = 16  # test_prepare's SPECIAL images are S x S; prepared at S, their pixels are checked exactly

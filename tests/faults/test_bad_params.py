@@ -10,13 +10,14 @@ import typing
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers.project import committed
 from pipeline import config
-from pipeline.config import ConfigError, load_params
+from pipeline.config import load_params
+from pipeline.errors import ConfigError
 
 AREA = "Bad params"
 
-PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+PARAMS = yaml.safe_load(committed("params.yaml"))
 KEYS = [f"{section}.{key}" for section, values in PARAMS.items() for key in values]
 
 # An out-of-range (or not-allowed) value per key; None: the key has no range (any value of its type).
@@ -60,7 +61,7 @@ def wrong_type(key: str):
 
 
 def load_with(tmp_path, key: str, value):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load(committed("params.yaml"))
     section, name = key.split(".")
     params[section][name] = value
     path = tmp_path / "params.yaml"

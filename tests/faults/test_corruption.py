@@ -10,7 +10,9 @@ import signal
 import pytest
 import torch
 
-from faults.conftest import error_line, lines_with, ran_stages, read_checkpoint, wait_for_checkpoint
+from helpers.checks import error_line, lines_with
+from helpers.project import ran_stages
+from helpers.training import read_checkpoint, wait_for_checkpoint
 
 AREA = "Corruption"
 
@@ -84,7 +86,7 @@ def test_truncated_checkpoint_is_set_aside_and_training_starts_afresh(baseline_r
     epochs = repo.params()["train"]["epochs"]
     repo.checkpoint().parent.mkdir(parents=True, exist_ok=True)
     repo.checkpoint().write_bytes(killed_checkpoint[: len(killed_checkpoint) // 2])
-    proc = repo.stage("train")
+    proc = repo.run("train", check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warning = lines_with(proc.stderr, "not resuming from")
     assert warning and "unreadable" in warning[0], proc.stderr[-3000:]
@@ -104,7 +106,7 @@ def test_truncated_checkpoint_is_set_aside_and_training_starts_afresh(baseline_r
 def test_bit_flipped_checkpoint_is_not_resumed_from(killed_checkpoint, tmp_path, fault_log):
     """One byte of the model weights flipped inside a valid checkpoint, then train's load_checkpoint;
     then a second damaged checkpoint, which must not replace the first one set aside."""
-    from pipeline.train import load_checkpoint, read_checkpoint
+    from pipeline.checkpoint import load_checkpoint, read_checkpoint
 
     good = read_checkpoint(_write(tmp_path / "good.pt", killed_checkpoint))
     name, tensor = next((k, v) for k, v in good["model"].items() if v.is_floating_point() and v.numel() >= 16)

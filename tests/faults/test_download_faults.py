@@ -9,8 +9,11 @@ import time
 
 import pytest
 
-from conftest import files_of, image_tree, raw_state, write_zip
-from faults.conftest import error_line, temp_leftovers
+from helpers.archives import files_of, write_zip
+from helpers.files import raw_state
+from helpers.images import image_tree
+from helpers.checks import error_line
+from helpers.files import leftovers
 
 AREA = "Download faults"
 
@@ -47,7 +50,7 @@ def test_download_fault_then_retry(fetched, http_server, tmp_path, fault_log, ca
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert url in line and text in line, line
     assert not cache.exists() or list(cache.iterdir()) == []  # no partial download, not even a temp file
-    assert raw_state(fetched) == before and temp_leftovers(fetched.path("data")) == []
+    assert raw_state(fetched) == before and leftovers(fetched.path("data")) == []
     assert elapsed < 30
 
     http_server.serve("/d.zip", body, "ok")  # the server behaves again: same URL

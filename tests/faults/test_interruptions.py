@@ -13,16 +13,18 @@ import sqlite3
 import numpy as np
 import torch
 
-from conftest import make_images, snapshot
-from faults.conftest import error_line, lines_with, poll, ran_stages, read_checkpoint, temp_leftovers, \
-    wait_for_checkpoint
+from helpers.checks import error_line, lines_with
+from helpers.files import leftovers, snapshot
+from helpers.images import make_images
+from helpers.processes import poll
+from helpers.project import ran_stages
+from helpers.training import EPOCH_METRICS, model_pt, read_checkpoint, wait_for_checkpoint
 
 AREA = "Interruptions"
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second")
 
 
 def model_state(repo) -> dict:
-    return torch.load(repo.path("models/model.pt"), map_location="cpu", weights_only=True)["state_dict"]
+    return model_pt(repo)["state_dict"]
 
 
 def same_tensors(a: dict, b: dict) -> list[str]:
@@ -100,7 +102,7 @@ def test_sigint_and_sigterm_during_train_under_dvc_repro(baseline_repo, tmp_path
         assert repo.lock() == lock_before
         assert not repo.path("models/model.pt").exists()
         assert not repo.path("reports/train.json").exists()
-        assert temp_leftovers(repo.path("models"), repo.path("reports"), repo.path("data")) == []
+        assert leftovers(repo.path("models"), repo.path("reports"), repo.path("data")) == []
         status = repo.dvc("status")  # DVC is not left locked
         assert "train:" in status.stdout
         repo.dvc("checkout", "train")  # the previous outputs, from the DVC cache, as dvc.lock still names them
@@ -141,14 +143,14 @@ def test_kill_9_during_prepare_leaves_cache_and_lock_as_they_were(baseline_repo,
     report_after = repo.path("reports/data.json").read_bytes() if repo.path("reports/data.json").exists() else None
     assert report_after in (data_json, None)
     assert repo.lock() == lock_before
-    stale = temp_leftovers(repo.path("data"))
+    stale = leftovers(repo.path("data"))
     assert len(stale) == 1 and ".prepared.tmp-" in stale[0]  # the killed writer's temp cache, never used
 
     again = repo.dvc("repro", "prepare")
     assert ran_stages(again.stdout) == {"prepare"}
     report = json.loads(repo.path("reports/data.json").read_text())
     assert sum(report["images"].values()) == 3000  # the 36 images were overwritten, 2964 added
-    assert temp_leftovers(repo.path("data")) == []  # the stale temp cache was removed
+    assert leftovers(repo.path("data")) == []  # the stale temp cache was removed
     assert repo.lock() != lock_before
     fault_log.record(
         AREA, "`kill -9` of the process group of `dvc repro prepare` (dvc, prepare, its 2 decode workers) with "
@@ -195,14 +197,14 @@ def test_kill_9_during_evaluate_does_not_move_the_alias(baseline_repo, tmp_path,
     assert repo.champion_version() == champion  # the alias did not move
     assert repo.lock_stage("evaluate") == baseline_repo.lock_stage("evaluate")  # evaluate's lock entry as before
     assert not repo.path("reports/metrics.json").exists() and not repo.path("reports/promotion.json").exists()
-    stale = temp_leftovers(repo.path("reports"))
+    stale = leftovers(repo.path("reports"))
 
     again = repo.dvc("repro")
     assert ran_stages(again.stdout) == {"evaluate"}
     promotion = json.loads(repo.path("reports/promotion.json").read_text())
     assert promotion["promoted"] and str(promotion["new_version"]) == str(new_version)
     assert repo.champion_version() == str(new_version)
-    assert temp_leftovers(repo.path("reports")) == []
+    assert leftovers(repo.path("reports")) == []
     fault_log.record(
         AREA, "`kill -9` of the process group of `dvc repro` during evaluate, right after it registered model "
               f"version {new_version} (a version that must be promoted), before it could move @champion",

@@ -8,9 +8,10 @@ import tarfile
 
 import pytest
 
-from conftest import raw_state
-from faults.conftest import error_line, temp_leftovers
-from test_archives import MiB, assert_nothing_escaped, build, outside, tar_info, zip_info
+from helpers.files import raw_state
+from helpers.checks import error_line
+from helpers.files import leftovers
+from helpers.archives import MiB, assert_nothing_escaped, build, outside, tar_info, zip_info
 
 AREA = "Malicious archives"
 S_IFLNK = 0o120000
@@ -47,7 +48,7 @@ def test_hostile_archive_is_refused_by_the_stage(fetched, tmp_path, fault_log, c
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert text in line and f"data/sources/{archive.name}" in line, line
     assert raw_state(fetched) == before
-    assert temp_leftovers(fetched.path("data")) == []
+    assert leftovers(fetched.path("data")) == []
     assert_nothing_escaped(tmp_path, fetched)
     fault_log.record(AREA, tried,
                      f"exit {proc.returncode}: '{line.split(' pipeline: ', 1)[-1]}'; data/raw and data/raw.json "

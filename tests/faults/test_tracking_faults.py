@@ -6,95 +6,27 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import types
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from faults.conftest import error_line, lines_with, read_checkpoint, wait_for_checkpoint
+from helpers.checks import error_line, lines_with
+from helpers.mlflow_server import Server, free_port
+from helpers.training import EPOCH_METRICS, read_checkpoint, wait_for_checkpoint
 from pipeline.tracking import SQLITE_BUSY_TIMEOUT_S
 
 AREA = "Tracking faults"
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second")
-USER, PASSWORD = "faults-admin", "faults-s3cret-pw"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m pipeline.server` on a fixed free port with its stores under `home`: killed and
-    started again, it is the same server (same port, runs, users)."""
-
-    def __init__(self, home: Path):
-        self.home, self.port = home, free_port()
-        home.mkdir(parents=True, exist_ok=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.starts: list[float] = []
-
-    def start(self, timeout: float = 120) -> None:
-        """`make server`'s command (pipeline.server.server_command: basic auth, proxied artifacts) with
-        one worker instead of MLflow's 4: a quarter of the start-up time, the same server."""
-        from pipeline.server import server_command
-
-        argv, env, auth_ini = server_command({
-            **os.environ, "MLFLOW_SERVER_PORT": str(self.port),
-            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{self.home / 'server.db'}",
-            "MLFLOW_ARTIFACTS_DESTINATION": str(self.home / "artifacts"),
-            "MLFLOW_AUTH_DB_URI": f"sqlite:///{self.home / 'auth.db'}",
-            "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD})
-        (self.home / "auth.ini").write_text(auth_ini)
-        env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.home / "auth.ini")
-        log = open(self.home / "server.log", "a")
-        began = time.monotonic()
-        self.proc = subprocess.Popen([*argv, "--workers", "1"], cwd=self.home, env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        while time.monotonic() - began < timeout:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {(self.home / 'server.log').read_text()}")
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=2).close()
-                self.starts.append(time.monotonic() - began)
-                return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.2)
-        self.stop(signal.SIGKILL)
-        raise AssertionError(f"server did not start: {(self.home / 'server.log').read_text()}")
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=60)
-
-    def client_env(self, **extra) -> dict:
-        return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": USER,
-                "MLFLOW_TRACKING_PASSWORD": PASSWORD, **extra}
-
-    def client(self, monkeypatch):
-        from mlflow import MlflowClient
-
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
-        return MlflowClient(tracking_uri=self.url)
-
-
 def test_tracking_server_down_at_start_fails_fast(baseline_repo, tmp_path, fault_log):
     """train with MLFLOW_TRACKING_URI pointing at a server that is not running."""
     repo = baseline_repo.clone(tmp_path / "repo")
     model = repo.path("models/model.pt").read_bytes()
     down = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    proc = repo.stage("train", env={"MLFLOW_TRACKING_URI": down})
+    proc = repo.run("train", check=False, env={"MLFLOW_TRACKING_URI": down})
     elapsed = time.monotonic() - start
     line = error_line(proc.stderr)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -124,7 +56,7 @@ def configure_after_losing_the_race(server: Server, root: Path, experiment: str,
     from mlflow.tracking import fluent
     from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
-    from conftest import inside_project
+    from helpers.project import inside_project
     from pipeline import tracking
 
     other = server.client(monkeypatch)
@@ -180,7 +112,7 @@ def test_tracking_server_dying_mid_training(baseline_repo, tmp_path, fault_log, 
         assert not repo.path("models/model.pt").exists()
 
         server.start()  # same port, same stores
-        resumed = repo.stage("train", env=env)
+        resumed = repo.run("train", check=False, env=env)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert f"resuming MLflow run {left['run_id']} from epoch {left['epoch']}" in resumed.stderr
         run_metrics_once(server.client(monkeypatch), first["run_id"], epochs)
@@ -255,7 +187,7 @@ def test_sqlite_store_locked_by_a_concurrent_writer(baseline_repo, tmp_path, fau
     repo = baseline_repo.clone(tmp_path / "repo")
     hold = 6.5  # over sqlite3's default busy timeout (5 s), under the stage's SQLITE_BUSY_TIMEOUT_S
     assert 5 < hold < SQLITE_BUSY_TIMEOUT_S
-    assert "MLFLOW_TRACKING_URI" not in repo.env  # the default store: sqlite:///<repo>/mlflow.db?timeout=60
+    assert "MLFLOW_TRACKING_URI" not in repo.env()  # the default store: sqlite:///<repo>/mlflow.db?timeout=60
     bg = repo.start_stage("train")
     ckpt = wait_for_checkpoint(repo, bg, epoch=1)
     locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(repo.db), str(hold)], stdout=subprocess.PIPE,

@@ -1,4 +1,4 @@
-"""Benchmark: `python -m pipeline.bench` (or `make bench`) -> reports/bench.json and a table.
+"""Benchmark: `python -m tools.bench` (or `make bench`) -> reports/bench.json and a table.
 
 Measured in one run, on the data params.yaml names, in a temp copy of the project (the workspace's
 outputs and MLflow store are left alone):
@@ -37,11 +37,18 @@ import torch
 from torch import nn
 
 from pipeline.config import PARAMS_FILE, load_params
-from pipeline.engine import evaluate, place, prepare_model, resolve_runtime, train_one_epoch
+from pipeline.engine import (
+    Learner,
+    evaluate,
+    load_train_data,
+    make_optimizer,
+    train_one_epoch,
+)
 from pipeline.io import read_json, write_json
 from pipeline.models import build_model
-from pipeline.train import load_data, make_optimizer
-from pipeline.transforms import eval_transforms, train_transforms
+from pipeline.runtime import place, prepare_model, resolve_runtime
+from pipeline.transforms import Norm, eval_transforms, train_transforms
+from tools.checkout import copy_checkout
 
 BENCH_JSON = Path("reports/bench.json")
 SCALE_JSON = Path("reports/bench_scale.json")
@@ -82,34 +89,34 @@ def notebook_loop(image_dir: Path, size: int, channels: int, hidden: int, batch_
 def pipeline_loop(project: Path, params, epochs: int, precision: str | None = None,
                   channels_last: bool | None = None) -> tuple[list[float], float]:
     """images/s per epoch of pipeline.engine on the prepared cache, and evaluation images/s."""
-    with contextlib.chdir(project):  # load_data reads data/prepared/ relative to it
+    with contextlib.chdir(project):  # load_train_data reads data/prepared/ relative to it
         rt = resolve_runtime(params.base.device, precision or params.train.precision)
         if channels_last is not None:
             rt = dataclasses.replace(rt, channels_last=channels_last)
-        data = load_data(rt)
+        data = load_train_data(rt)
         cfg = params.train
         model = _tinyvgg(data, cfg, rt)
         steps = epochs * -(-len(data.train_x) // cfg.batch_size)
         opt, sched = make_optimizer(cfg, model, steps)
-        gen = torch.Generator().manual_seed(0)
-        augment = train_transforms(data.meta["mean"], data.meta["std"], cfg.augment, gen)
+        learner = Learner(net=model, optimizer=opt, scheduler=sched, scaler=rt.grad_scaler(),
+                          loss_fn=nn.CrossEntropyLoss(), generator=torch.Generator().manual_seed(0), rt=rt)
+        norm = Norm(data.meta.mean, data.meta.std)
+        augment = train_transforms(norm, cfg.augment, learner.generator)
         rates = []
         for _ in range(epochs):
             model.train()
-            m = train_one_epoch(model, data.train_x, data.train_y, augment, opt, sched, rt.grad_scaler(),
-                                nn.CrossEntropyLoss(), cfg.batch_size, gen, rt, data.num_classes)
+            m = train_one_epoch(learner, data.train_x, data.train_y, augment, cfg.batch_size)
             rates.append(m["images_per_second"])
-        plain = eval_transforms(data.meta["mean"], data.meta["std"])
         images = place(data.val_x.repeat(max(1, 4096 // len(data.val_x)), 1, 1, 1), rt)
         labels = data.val_y.repeat(max(1, 4096 // len(data.val_y)))
         start = time.perf_counter()
-        evaluate(model, images, labels, plain, params.evaluate.batch_size, rt, data.num_classes)
+        evaluate(model, images, labels, eval_transforms(norm), params.evaluate.batch_size, rt)
         return rates, len(images) / (time.perf_counter() - start)
 
 
 def _tinyvgg(data, cfg, rt) -> nn.Module:
     torch.manual_seed(0)
-    return prepare_model(build_model("tinyvgg", data.num_classes, data.meta["channels"], data.meta["image_size"],
+    return prepare_model(build_model("tinyvgg", data.meta.num_classes, data.meta.channels, data.meta.image_size,
                                      hidden_units=cfg.hidden_units, batch_norm=cfg.batch_norm,
                                      dropout=cfg.dropout), rt)
 
@@ -119,7 +126,7 @@ def ceilings(project: Path, params) -> dict:
     as the notebook runs it."""
     with contextlib.chdir(project):
         rt = resolve_runtime(params.base.device, params.train.precision)
-        data = load_data(rt)
+        data = load_train_data(rt)
         batch = data.train_x[:params.train.batch_size].to(rt.device).float()
         notebook_rt = dataclasses.replace(rt, amp_dtype=None, channels_last=False)
         return {"pipeline": conv_ceiling(_tinyvgg(data, params.train, rt), batch, rt),
@@ -185,26 +192,12 @@ def conv_ceiling(model: nn.Module, batch: torch.Tensor, rt, repeats: int = 10) -
             "dtype": str(dtype).removeprefix("torch.")}
 
 
-def copy_project(dest: Path) -> None:
-    """The tracked files of this checkout, as a fresh git repo (what a clean clone has)."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if rel.startswith("tests/") or rel == "dvc.lock" or not (ROOT / rel).exists():
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest / rel)
-    shutil.copy(PARAMS_FILE, dest / "params.yaml")  # the params being benchmarked
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "bench"]):
-        subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)
-
-
 def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, dict]:
     """(wall seconds, memory high-water marks in MiB) of one command; fails loudly with its output.
-    `python -m X` commands run under pipeline.memwatch: {"rss": X's own peak RSS, "tree_anon": peak
+    `python -m X` commands run under tools.memwatch: {"rss": X's own peak RSS, "tree_anon": peak
     anonymous memory of X and its child processes}; other commands: {}."""
     if cmd[:2] == [sys.executable, "-m"]:
-        cmd = [sys.executable, "-m", "pipeline.memwatch", *cmd[2:]]
+        cmd = [sys.executable, "-m", "tools.memwatch", *cmd[2:]]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - start
@@ -294,7 +287,7 @@ def scale_figures(n: int) -> dict:
                 synthetic_zip(tmp / "www" / name, count)
                 project = tmp / f"project-{count}"
                 project.mkdir()
-                copy_project(project)
+                copy_checkout(project, Path(PARAMS_FILE).read_text())  # the params being benchmarked
                 params = yaml.safe_load((project / "params.yaml").read_text())
                 params["data"]["source"] = f"http://127.0.0.1:{server.server_port}/{name}"
                 params["data"]["sha256"] = None
@@ -328,7 +321,7 @@ def machine() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per loop measurement (median taken)")
     parser.add_argument("--scale", type=int, metavar="N",
                         help="instead: fetch_data and prepare on a generated zip of N JPEGs (and of N/10); "
@@ -342,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(PARAMS_FILE)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         project = Path(tmp)
-        copy_project(project)
+        copy_checkout(project, Path(PARAMS_FILE).read_text())  # the params being benchmarked
         result = {"machine": machine(), "params": {"data.source": params.data.source,
                                                    "prepare.image_size": params.prepare.image_size,
                                                    "train.model": params.train.model,
@@ -353,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         image_dir = raw / "train" if (raw / "train").is_dir() else raw
         cfg = params.train
         # The notebook loop first: pipeline_loop's resolve_runtime tunes this process's malloc for
-        # good (engine.keep_freed_memory), and a notebook runs with glibc's defaults.
+        # good (runtime.keep_freed_memory), and a notebook runs with glibc's defaults.
         nb = notebook_loop(image_dir, params.prepare.image_size, params.prepare.channels, cfg.hidden_units,
                            cfg.batch_norm, cfg.batch_size, cfg.lr, args.epochs)
         pl, eval_rate = pipeline_loop(project, params, args.epochs)

@@ -1,5 +1,5 @@
-"""`python -m pipeline.memwatch MODULE [ARGS...]`: run `python -m MODULE ARGS...` and, at its exit,
-print its memory high-water marks for pipeline.bench:
+"""`python -m tools.memwatch MODULE [ARGS...]`: run `python -m MODULE ARGS...` and, at its exit,
+print its memory high-water marks for tools.bench:
 
     VmHWM: <kB>          peak resident set of the module's own process (file-backed pages included,
                          e.g. a memory-mapped output it writes)

@@ -1,0 +1,78 @@
+"""A real HTTP server on loopback for the download tests."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class LoopbackServer:
+    """A real HTTP server on 127.0.0.1 (a free port), serving each route with a behaviour:
+
+    ok        200 with the body
+    truncated declares a Content-Length larger than the body, sends the body, then closes
+    reset     sends half the body, then resets the connection (RST)
+    stall     sends half the body, then goes silent until the test ends
+    silent    accepts the request and never answers
+    error     500 Internal Server Error
+    Anything not routed is a 404. `requests` lists the paths asked for, in order.
+    """
+
+    def __init__(self):
+        self.routes: dict[str, tuple[str, bytes]] = {}
+        self.requests: list[str] = []
+        self.release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append(self.path)
+                mode, body = server.routes.get(self.path, ("missing", b""))
+                if mode == "missing":
+                    self.send_error(404, "Not Found")
+                    return
+                if mode == "error":
+                    self.send_error(500, "Internal Server Error")
+                    return
+                if mode == "silent":
+                    server.release.wait(60)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body) + (4096 if mode == "truncated" else 0)))
+                self.end_headers()
+                if mode in ("ok", "truncated"):
+                    self.wfile.write(body)
+                    return
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                if mode == "stall":
+                    server.release.wait(60)
+                elif mode == "reset":
+                    time.sleep(0.2)  # let the client get into the body first
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.rfile.close()  # drop the makefile reference so close() really closes: RST
+                    self.connection.close()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
+
+    def serve(self, path: str, body: bytes = b"", mode: str = "ok") -> str:
+        self.routes[path] = (mode, body)
+        return self.url(path)
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
