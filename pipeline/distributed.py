@@ -50,9 +50,9 @@ def relaunch(nproc: int, module: str, argv: list[str]) -> int:
 
 def die_with_parent() -> None:
     """Linux: have the kernel send this process SIGTERM when its parent dies. torchrun starts each
-    worker in a session of its own, so a `kill -9` of the stage and torchrun left the workers training
-    on, orphaned: rank 0 finished the run and deleted the checkpoint the re-run should have resumed
-    from (tests/test_ddp.py). SIGTERM, not SIGKILL: rank 0 then marks its MLflow run KILLED."""
+    worker in a session of its own, so after a `kill -9` of the stage and torchrun, orphaned workers
+    would train on, and rank 0 would finish the run and delete the checkpoint the re-run should resume
+    from. SIGTERM, not SIGKILL: rank 0 then marks its MLflow run KILLED."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
 

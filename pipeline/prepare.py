@@ -26,8 +26,8 @@ from pipeline.paths import DATA_REPORT, PREPARED_DIR, RAW_DIR, RAW_JSON
 
 log = logging.getLogger(__name__)
 
-# Images are copied or summed a chunk at a time, so that memory stays bounded for any number and
-# size of images. A fixed row count did not bound it: 4096 rows of 224 px RGB as float64 were 4.9 GB.
+# Images are copied or summed a chunk of bytes at a time (not of rows: 4096 rows of 224 px RGB as
+# float64 are 4.9 GB), so that memory stays bounded for any number and size of images.
 CHUNK_BYTES = 32 * 2**20
 
 
