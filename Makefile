@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install repro retrain sweep server test bench bench-scale clean
+.PHONY: install repro promote retrain sweep server test bench bench-scale clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,12 +15,18 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed
 
+# The pipeline, then the deliberate step that moves @champion (pipeline/promote.py).
 repro: install
 	dvc repro
+	$(PY) -m pipeline.promote
 
-# CI's retrain job (.github/workflows/retrain.yml) runs exactly this; RETRAIN_BASE picks the diff base.
+promote: install
+	$(PY) -m pipeline.promote
+
+# CI's retrain job (.github/workflows/retrain.yml) runs exactly this: RETRAIN_BASE picks the diff base,
+# RETRAIN_ARGS=--promote (on main only) moves @champion too.
 retrain: install
-	$(PY) -m pipeline.retrain
+	$(PY) -m pipeline.retrain $(RETRAIN_ARGS)
 
 # A queued sweep of DVC experiments, 2 at a time, grouped in MLflow by the tag sweep=<name>:
 #   make sweep SWEEP="-S train.lr=0.001,0.003,0.01"
@@ -46,4 +52,4 @@ test: install
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf data/raw data/raw.json data/prepared models reports/*.json reports/*.csv mlflow.db mlruns .checkpoints
+	rm -rf data/raw data/raw.json data/prepared models reports/*.json reports/*.csv mlflow.db mlflow.db.lock mlruns .checkpoints

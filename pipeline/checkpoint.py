@@ -2,8 +2,9 @@
 
 A checkpoint holds the TrainState, the weights, optimizer, scheduler, grad scaler and every random
 generator's state, so a resumed run ends with the same weights and metrics as an uninterrupted one.
-Its first line carries the payload's sha256; its fingerprint names the params, data and device type it
-belongs to. A checkpoint that is damaged or belongs elsewhere is set aside, never used.
+Its first line carries the payload's sha256; its fingerprint names the params, data, device type and
+MLflow store it belongs to. A checkpoint that is damaged or belongs elsewhere (other params or data,
+another store, a run that no longer exists there) is set aside, never used.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ CHECKPOINT_NAME = "train.pt"
 MAGIC = b"pipeline-checkpoint sha256="  # the first line; the torch.save payload follows
 
 
-def fingerprint(params: Params, meta: DatasetMeta, rt: Runtime) -> str:
-    """What a checkpoint must match to be resumed: seed, train params, data and device type."""
-    key = {"params": params.flat("base", "train"), "data": meta.to_json()["splits"], "device": rt.device.type}
+def fingerprint(params: Params, meta: DatasetMeta, rt: Runtime, store: str) -> str:
+    """What a checkpoint must match to be resumed: seed, train params, data, device type and the
+    tracking store its MLflow run lives in."""
+    key = {"params": params.flat("base", "train"), "data": meta.to_json()["splits"], "device": rt.device.type,
+           "store": store}
     key["params"].pop("train.checkpoint_dir")
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -72,17 +75,23 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, fp: str, set_aside: bool = True,
-                    on_abandoned: Callable[[str, str], None] | None = None) -> dict | None:
-    """The checkpoint at `path` if it is intact and belongs to this configuration; a foreign or
-    damaged one is set aside (renamed *.stale, *.stale1, ...; by rank 0 alone under DDP) rather
-    than used, and `on_abandoned(run_id, why)` is called for the MLflow run it was resuming."""
+                    on_abandoned: Callable[[str, str], None] | None = None,
+                    run_exists: Callable[[str], bool] | None = None) -> dict | None:
+    """The checkpoint at `path` if it is intact, belongs to this configuration and (`run_exists`) its
+    MLflow run is still there; any other is set aside (renamed *.stale, *.stale1, ...; by rank 0
+    alone under DDP) rather than used, and `on_abandoned(run_id, why)` is called for the run it was
+    resuming."""
     if not path.exists():
         return None
     ckpt = None
     try:
         ckpt = read_checkpoint(path)
         ok = ckpt.get("fingerprint") == fp
-        reason = "params or data changed"
+        reason = "params, data or tracking store changed"
+        if ok and run_exists is not None and not run_exists(ckpt["run_id"]):
+            ok, reason = False, (f"its MLflow run {ckpt['run_id']} is not in the tracking store (deleted, "
+                                 "or another store)")
+            ckpt = None  # nothing to mark KILLED: the run is not there
     except Exception as e:  # a damaged file: a checksum mismatch, unpickling errors of many kinds
         ok, reason = False, f"unreadable: {e}"
     if not ok:
@@ -95,6 +104,15 @@ def load_checkpoint(path: Path, fp: str, set_aside: bool = True,
         log.warning("not resuming from %s (%s); starting afresh", path, reason)
         return None
     return ckpt
+
+
+def checkpoint_runs(checkpoint_dir: str) -> set[str]:
+    """The MLflow run of the resumable checkpoint in `checkpoint_dir`, if any: a killed train's
+    RUNNING run that the next train resumes, not an orphan."""
+    try:
+        return {read_checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME)["run_id"]}
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError):
+        return set()
 
 
 def _free_name(path: Path) -> Path:

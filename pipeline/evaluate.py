@@ -1,7 +1,7 @@
 """Stage evaluate: models/model.pt + the test split -> reports/metrics.json, reports/predictions.csv,
 reports/promotion.json; completes train's MLflow run (test metrics, confusion matrix, error analysis),
-registers its model, and moves `@champion` to it only when it beats the champion on the same test
-data by at least evaluate.promote_min_delta.
+registers its model (tagged with its scores, test data, commit, branch and pull request), and records
+whether it would become `@champion`. It moves nothing: `python -m pipeline.promote` does (champion.py).
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import plots, registry, tracking
-from pipeline.champion import promote
+from pipeline import champion, plots, provenance, registry, tracking
+from pipeline.checkpoint import checkpoint_runs
 from pipeline.cli import run_stage
 from pipeline.config import Params
 from pipeline.dataset import Split, load_meta, load_split
 from pipeline.engine import classify
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import atomic_path, read_json, sha256_file, write_json
 from pipeline.metrics import compute_metrics
 from pipeline.models import load_classifier
-from pipeline.paths import METRICS_JSON, MODEL_PATH, PREDICTIONS_CSV, PROMOTION_JSON, TRAIN_JSON
+from pipeline.paths import METRICS_JSON, MODEL_PATH, PREDICTIONS_CSV, PREPARED_DIR, PROMOTION_JSON, TRAIN_JSON
 from pipeline.runtime import resolve_runtime
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def _metric_key(name: str) -> str:
 
 
 def main(params: Params) -> None:
-    cfg = params.evaluate
+    cfg, name = params.evaluate, params.mlflow.registered_model
     # fp32, whatever train.precision says: test metrics and predictions.csv must equal what the
     # served model (fp32 pyfunc) and predict.py give for the same images.
     rt = resolve_runtime(params.base.device, "fp32")
@@ -75,29 +75,34 @@ def main(params: Params) -> None:
     test_hash = meta.split_digest("test")  # scores are comparable only on the same test split
 
     tracking.configure(params.mlflow.experiment)
+    tracking.require_run(train_info["run_id"], TRAIN_JSON)
+    tracking.end_orphaned_runs(keep={train_info["run_id"], *checkpoint_runs(params.train.checkpoint_dir)})
     with tracking.run(train_info["run_id"]):
-        _log_run(metrics, test, probs, classes)
-        decision = promote(params, metrics[cfg.promote_metric], test, classes, test_hash, train_info, rt)
-        # Everything is computed and written before the alias moves: a failure above leaves it.
+        tracking.claim_run()
+        test_set = tracking.log_dataset(PREPARED_DIR, name=f"{meta.source} (test split)", digest=test_hash,
+                                        context="testing")
+        _log_run(metrics, test, probs, classes, train_info["model_uri"].removeprefix("models:/"), test_set)
+        version = registry.register(train_info["model_uri"], name, train_info["run_id"], tags={
+            **champion.score_tags(metrics, test_hash), "model_sha256": sha256_file(MODEL_PATH),
+            **provenance.git_tags(), **provenance.dvc_exp_tags()})
+        decision = champion.assess(cfg, name, version, metrics[cfg.promote_metric], test_hash, test, classes, rt)
+        tracking.set_tags({"registered_model_version": decision.new_version,
+                           "promotion.would_promote": decision.would_promote, "promotion.reason": decision.reason})
         write_json(METRICS_JSON, {k: v for k, v in metrics.items() if k != "confusion_matrix"})
         write_predictions(PREDICTIONS_CSV, test, probs, classes)
-        write_json(PROMOTION_JSON, decision)
-        if decision["promoted"]:
-            registry.set_champion(params.mlflow.registered_model, decision["new_version"])
-        # Only now, so that no version or run claims a promotion whose alias never moved.
-        registry.tag_version(params.mlflow.registered_model, decision["new_version"],
-                             {"promoted": decision["promoted"]})
-        tracking.set_tags({"promotion.promoted": decision["promoted"]})
-    log.info("test %s %.4f; %s -> %s", cfg.promote_metric, decision["new_score"],
-             "promoted to @champion" if decision["promoted"] else "not promoted", decision["reason"])
+        write_json(PROMOTION_JSON, decision.to_json())
+    log.info("test %s %.4f; version %s %s @champion: %s", cfg.promote_metric, decision.new_score,
+             decision.new_version, "would become" if decision.would_promote else "would not become", decision.reason)
 
 
-def _log_run(metrics: dict, test: Split, probs: torch.Tensor, classes: list[str]) -> None:
+def _log_run(metrics: dict, test: Split, probs: torch.Tensor, classes: list[str], model_id: str, test_set) -> None:
+    """Test metrics on the run and on its logged model (mlflow.search_logged_models ranks models by
+    them), the confusion matrix and the error-analysis figure."""
     scalars = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
     for cls, values in metrics["per_class"].items():
         for name in ("precision", "recall", "f1"):
             scalars[f"test_{name}_{_metric_key(cls)}"] = values[name]
-    tracking.log_metrics(scalars)
+    tracking.log_metrics(scalars, model_id=model_id, dataset=test_set)
     cm = np.array(metrics["confusion_matrix"])
     fig = plots.confusion_matrix(cm, classes)
     tracking.log_figure(fig, "confusion_matrix.png")

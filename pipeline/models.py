@@ -300,7 +300,32 @@ class Classifier(nn.Module):
 def load_classifier(path: str | Path) -> Classifier:
     """models/model.pt (weights + config, loaded with weights_only=True) -> Classifier on the CPU."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = ModelConfig.from_dict(obj["config"])
-    net = build_from_config(cfg)
-    net.load_state_dict(obj["state_dict"])
-    return Classifier(net, cfg).eval()
+    return classifier(ModelConfig.from_dict(obj["config"]), obj["state_dict"])
+
+
+def classifier(config: ModelConfig, state: dict[str, torch.Tensor]) -> Classifier:
+    """The architecture `config` names, rebuilt by this code, with `state`'s weights, on the CPU."""
+    net = build_from_config(config)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors
+        raise PipelineError(f"the weights do not fit {config.model} as its config describes it: "
+                            f"{str(e).splitlines()[0]}") from None
+    return Classifier(net, config).eval()
+
+
+def save_weights(net: nn.Module, path: Path) -> None:
+    """The network's state dict as safetensors: plain tensors, which load without running any code."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PipelineError(f"{path}: not a safetensors weights file ({e}); refusing to load it") from None

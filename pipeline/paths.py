@@ -12,4 +12,5 @@ TRAIN_JSON = Path("reports/train.json")
 HISTORY_CSV = Path("reports/train_history.csv")
 METRICS_JSON = Path("reports/metrics.json")
 PREDICTIONS_CSV = Path("reports/predictions.csv")
-PROMOTION_JSON = Path("reports/promotion.json")
+PROMOTION_JSON = Path("reports/promotion.json")  # evaluate: would the model become @champion?
+CHAMPION_JSON = Path("reports/champion.json")  # promote: where @champion went (not a DVC output)

@@ -1,12 +1,48 @@
-"""Where a run came from: the git commit, DVC's experiment and the data's hash, as tags for MLflow."""
+"""Where a run or a model came from: the git commit, branch and pull request, DVC's experiment and the
+data's hash, as tags for MLflow."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import yaml
+
+# Files that DVC writes when it runs the pipeline: a change to them alone is not a change of the code.
+DVC_MANAGED = ("dvc.lock",)
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def branch() -> str:
+    """The branch being built: GitHub Actions' (a pull request's head branch), else git's; "" if none."""
+    return (os.environ.get("GITHUB_HEAD_REF") or os.environ.get("GITHUB_REF_NAME")
+            or _git("rev-parse", "--abbrev-ref", "HEAD").removesuffix("HEAD"))
+
+
+def pull_request() -> str:
+    """The pull request's number in a GitHub Actions pull_request job (refs/pull/<n>/merge), else ""."""
+    match = re.fullmatch(r"refs/pull/(\d+)/merge", os.environ.get("GITHUB_REF", ""))
+    return match.group(1) if match else ""
+
+
+def code_dirty() -> bool:
+    """Uncommitted changes to the code, params or data pointers (not to what DVC writes)."""
+    excluded = [f":(exclude){path}" for path in DVC_MANAGED]
+    return bool(_git("status", "--porcelain", "--", ".", *excluded))
+
+
+def git_tags() -> dict[str, str]:
+    tags = {"git.commit": _git("rev-parse", "HEAD") or "none", "git.dirty": str(code_dirty()).lower(),
+            "git.branch": branch(), "git.pull_request": pull_request()}
+    return {k: v for k, v in tags.items() if v}
 
 
 def dvc_exp_tags() -> dict[str, str]:
@@ -16,17 +52,6 @@ def dvc_exp_tags() -> dict[str, str]:
             "dvc.exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV"),
             "sweep": os.environ.get("PIPELINE_SWEEP")}
     return {k: v for k, v in tags.items() if v}
-
-
-def git_tags() -> dict[str, str]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    commit = git("rev-parse", "HEAD")
-    return {"git.commit": commit or "none", "git.dirty": str(bool(git("status", "--porcelain"))).lower()}
 
 
 def dvc_out_hash(path: str, lock: Path = Path("dvc.lock")) -> str:

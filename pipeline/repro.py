@@ -1,8 +1,9 @@
 """All four stages through DVC, for MLproject's `main` entry point.
 
-No overrides: `dvc repro`. With `--section.key value` overrides (from `mlflow run -P`): a DVC
-experiment, `dvc exp run -S section.key=value ...`, so params.yaml in the workspace is the one the
-stages read and dvc.lock records what ran.
+No overrides: `dvc repro`, then `python -m pipeline.promote`, as `make repro`. With
+`--section.key value` overrides (from `mlflow run -P`): a DVC experiment,
+`dvc exp run -S section.key=value ...`, so params.yaml in the workspace is the one the stages read
+and dvc.lock records what ran; an experiment is not promoted.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    code = subprocess.call(cmd)
+    if code == 0 and cmd == ["dvc", "repro"]:
+        promote = [sys.executable, "-m", "pipeline.promote"]
+        print("+", " ".join(promote[1:]), flush=True)
+        code = subprocess.call(promote)
+    return code
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pipeline.config import Data
 from pipeline.download import download, verify_sha256
 from pipeline.errors import FetchError
 from pipeline.io import is_hidden, sha256_file
+from pipeline.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def source_kind(source: str) -> str:
 def materialize(cfg: Data, work: Path) -> dict:
     """Put the source's files under `work` (any layout) and return what is known about them."""
     kind = source_kind(cfg.source)
-    info: dict = {"source": cfg.source, "kind": kind}
+    info: dict = {"source": redact(cfg.source), "kind": kind}
     if kind == "builtin":
         write_digits(work)
     elif kind == "torchvision":

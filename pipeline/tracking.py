@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.cli import shielded
 from pipeline.errors import PipelineError
+from pipeline.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,12 @@ def tracking_uri() -> str:
             or f"sqlite:///{project_root() / 'mlflow.db'}?timeout={SQLITE_BUSY_TIMEOUT_S}")
 
 
+def redacted_uri() -> str:
+    return redact(tracking_uri())
+
+
+PROCESS_TAG = "pipeline.process"  # host/pid:start of the stage that holds the run open
+
 _experiment = {"id": None, "name": None}  # set by configure: the experiment the stage's runs go to
 
 
@@ -100,15 +107,38 @@ def configure(experiment: str) -> str:
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        # Created here for every store, not by set_experiment: when two stages start at once
-        # against a server without the experiment, set_experiment returns from a lost creation race
-        # without making it active, and the stage's run would go to the Default experiment.
-        if mlflow.get_experiment_by_name(experiment) is None:
-            _create_experiment(experiment, local=uri.startswith("sqlite:"))
+        with _store_lock(uri):
+            # Created here for every store, not by set_experiment: when two stages start at once
+            # against a server without the experiment, set_experiment returns from a lost creation
+            # race without making it active, and the stage's run would go to the Default experiment.
+            if mlflow.get_experiment_by_name(experiment) is None:
+                _create_experiment(experiment, local=uri.startswith("sqlite:"))
+            mlflow.MlflowClient().search_registered_models(max_results=1)  # the registry's tables too
         _experiment.update(id=mlflow.set_experiment(experiment).experiment_id, name=experiment)
     except Exception as e:  # MLflow raises its own and requests' errors; all mean the same here
-        raise PipelineError(f"MLflow tracking at {uri}: cannot set experiment {experiment!r}: {e}") from e
+        raise PipelineError(f"MLflow tracking at {redact(uri)}: cannot set experiment {experiment!r}: {e}") from e
     return uri
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """For a sqlite store, an exclusive lock on <db>.lock while this process first opens it. MLflow
+    creates a new store's tables, and migrates an older one's, on first use; two stages doing that at
+    once (a queued sweep on a fresh clone, or after an MLflow upgrade) would both run the migrations,
+    and one fails. With the lock, the first creates or migrates and the others find it done."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(uri.removeprefix("sqlite:///").split("?", 1)[0] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _create_experiment(name: str, local: bool) -> None:
@@ -130,7 +160,7 @@ def _check_server(uri: str) -> None:
     except urllib.error.HTTPError:
         return  # it answered (auth or routing aside): reachable
     except (urllib.error.URLError, OSError) as e:
-        raise PipelineError(f"MLflow tracking server {uri} is unreachable ({e}); start it or fix "
+        raise PipelineError(f"MLflow tracking server {redact(uri)} is unreachable ({e}); start it or fix "
                             "MLFLOW_TRACKING_URI") from None
 
 
@@ -151,7 +181,7 @@ def run(run_id: str | None = None, run_name: str | None = None, tags: dict | Non
         _end_run_after_failure("KILLED" if interrupted else "FAILED", fast=lost is not None)
         if lost and not interrupted:
             raise PipelineError(
-                f"MLflow tracking server {lost} stopped answering during run {active.info.run_id} "
+                f"MLflow tracking server {redact(lost)} stopped answering during run {active.info.run_id} "
                 f"({_first_line(e)}); the run stays RUNNING there. Start the server again and re-run "
                 "the stage (train resumes from its last checkpoint, in the same run)") from e
         raise
@@ -235,6 +265,87 @@ def end_abandoned_run(run_id: str, why: str) -> None:
         log.warning("could not mark the abandoned MLflow run %s KILLED: %s", run_id, _first_line(e))
 
 
+def _process() -> str:
+    """This process as `host/pid:start`, its start time (clock ticks after boot) telling it apart from
+    a later process that got the same pid."""
+    import socket
+
+    return f"{socket.gethostname()}/{os.getpid()}:{_start_ticks(os.getpid())}"
+
+
+def _start_ticks(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _gone(process: str) -> bool:
+    """Whether the process a run was tagged with has ended. Only a process of this host can be known
+    to have ended (by /proc); any other counts as alive."""
+    import socket
+
+    host, _, rest = process.partition("/")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit() or not start or not Path("/proc/self/stat").exists():
+        return False
+    return _start_ticks(int(pid)) != start
+
+
+def claim_run() -> None:
+    """Tag the active run with this process: a run still RUNNING after its process ended was killed
+    (end_orphaned_runs)."""
+    set_tags({PROCESS_TAG: _process(), "pipeline.workspace": str(project_root())})
+
+
+@mlflow_call("setup")
+def end_orphaned_runs(keep: set[str]) -> list[str]:
+    """Mark KILLED, with an `abandoned` tag, the runs of this experiment left RUNNING by a stage that
+    was killed (kill -9, the OOM killer) before it could end them, except `keep` (a checkpoint's run,
+    which train resumes). Returns their ids."""
+    from mlflow import MlflowClient
+
+    client, ended = MlflowClient(), []
+    for run in client.search_runs([_experiment["id"]], filter_string="attributes.status = 'RUNNING'"):
+        process = run.data.tags.get(PROCESS_TAG, "")
+        if run.info.run_id in keep or not process or not _gone(process):
+            continue
+        client.set_tag(run.info.run_id, "abandoned", f"its process {process} ended without ending the run (killed)")
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.warning("MLflow run %s was left RUNNING by a killed process (%s): marked KILLED", run.info.run_id, process)
+        ended.append(run.info.run_id)
+    return ended
+
+
+@mlflow_call("setup")
+def run_status(run_id: str) -> str | None:
+    """The run's status (RUNNING, FINISHED, ...), or None when this store has no such (undeleted) run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code) or "not found" in str(e).lower():
+            return None
+        raise
+    return None if run.info.lifecycle_stage == "deleted" else run.info.status
+
+
+def require_run(run_id: str, named_in: Path) -> None:
+    """Fail with what to do when `named_in` names a run this store does not have."""
+    if run_status(run_id) is None:
+        raise PipelineError(
+            f"{named_in} names MLflow run {run_id}, which is not in {redacted_uri()} (deleted, or trained "
+            "against another tracking store): re-run train against this store (dvc repro -f train), or set "
+            "MLFLOW_TRACKING_URI to the store it was trained in")
+
+
+def shared_store() -> bool:
+    """A tracking server or database that others use too, not this workspace's own sqlite file."""
+    return not tracking_uri().startswith(("sqlite:", "file:", "/"))
+
+
 @mlflow_call("setup")
 def logged_steps(run_id: str, key: str) -> set[int]:
     from mlflow import MlflowClient
@@ -250,15 +361,18 @@ def log_params(params: dict) -> None:
 
 
 @mlflow_call("logging")
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(metrics: dict[str, float], step: int | None = None, model_id: str | None = None,
+                dataset=None) -> None:
+    """Metrics of the active run; with `model_id` and `dataset` (log_dataset's), also of that logged
+    model on that data set, so that mlflow.search_logged_models ranks models by them."""
     import mlflow
 
-    mlflow.log_metrics(metrics, step=step)
+    mlflow.log_metrics(metrics, step=step, model_id=model_id, dataset=dataset)
 
 
 @mlflow_call("logging")
-def log_dataset(path: Path, name: str, digest: str, context: str) -> None:
-    """Record the prepared data as the run's input: its folder, the source's name and a digest."""
+def log_dataset(path: Path, name: str, digest: str, context: str):
+    """Record data as the run's input: its folder, a name and a digest. Returns the MLflow dataset."""
     import mlflow
     from mlflow.data.dataset_source_registry import get_registered_sources
     from mlflow.data.meta_dataset import MetaDataset
@@ -267,6 +381,7 @@ def log_dataset(path: Path, name: str, digest: str, context: str) -> None:
     local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
     ds = MetaDataset(local(str(Path(path).resolve())), name=name, digest=digest[:32])
     mlflow.log_input(ds, context=context)
+    return ds
 
 
 @mlflow_call("logging")
@@ -274,6 +389,16 @@ def set_tags(tags: dict) -> None:
     import mlflow
 
     mlflow.set_tags(tags)
+
+
+@mlflow_call("logging")
+def tag_run(run_id: str, tags: dict) -> None:
+    """Tags on a run other than the active one."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
 
 
 @mlflow_call("logging")
@@ -302,29 +427,36 @@ def log_artifact(path: str | Path, folder: str | None = None) -> None:
 
 @mlflow_call("logging")
 def log_model(model, example, step: int, name: str = "model"):
-    """Log the served model (models.Classifier) with its signature and an input example; returns the
-    logged model's URI (models:/<model_id>)."""
+    """Log the served model (a models.Classifier) as pipeline/serving.py's model from code, with its
+    weights and config as artifacts, its signature and an input example; returns the logged model's
+    URI (models:/<model_id>)."""
+    import json
+    import tempfile
+
     import mlflow
     import torch
+
+    from pipeline import serving
+    from pipeline.models import save_weights
 
     model.eval()
     with torch.no_grad():
         probs = model(torch.from_numpy(example)).numpy()
-    signature = mlflow.models.infer_signature(example, probs)
-    # Pickle, not MLflow 3's default pt2 export: the Classifier (with its classes, image size and
-    # channels) must round-trip for predict, evaluate's re-scoring and warm starts; code_paths
-    # ships the pipeline package so the pickle loads anywhere.
-    info = mlflow.pytorch.log_model(
-        model, name=name, step=step, signature=signature, input_example=example,
-        serialization_format="pickle", code_paths=[str(Path(__file__).parent)],
-        pip_requirements=_requirements())
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {key: Path(tmp) / file for key, file in serving.FILES.items()}
+        save_weights(model.net, files[serving.WEIGHTS])
+        files[serving.CONFIG].write_text(json.dumps(model.config.to_dict(), indent=2))
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=serving.__file__, artifacts={k: str(v) for k, v in files.items()},
+            code_paths=[str(Path(__file__).parent)], signature=mlflow.models.infer_signature(example, probs),
+            input_example=example, step=step, pip_requirements=_requirements())
     return info.model_uri
 
 
 def _requirements() -> list[str]:
     """Exact pins of what loading the model needs, from requirements.txt (skips MLflow's slow
     requirement inference, which loads the model in a subprocess)."""
-    wanted = ("torch", "torchvision", "numpy", "pillow", "pyyaml", "mlflow")
+    wanted = ("torch", "torchvision", "numpy", "pillow", "pyyaml", "mlflow", "safetensors")
     lines = Path(__file__).parent.parent.joinpath("requirements.txt").read_text().splitlines()
     return [line.strip() for line in lines if line.split("==")[0].strip().lower() in wanted]
 

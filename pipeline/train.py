@@ -35,6 +35,7 @@ from pipeline.models import Classifier, ModelConfig, apply_finetune, build_from_
 from pipeline.paths import HISTORY_CSV, MODEL_PATH, PREPARED_DIR, TRAIN_JSON
 from pipeline.runtime import Runtime, prepare_model, resolve_runtime
 from pipeline.transforms import Norm
+from pipeline.urls import redact
 from pipeline.weights import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,12 @@ def _train(params: Params) -> None:
     network = build(cfg, data.meta)
     learner = make_learner(cfg, network, data, rt, seed)
 
-    fp = fingerprint(params, data.meta, rt)
+    fp = fingerprint(params, data.meta, rt, tracking.tracking_uri())
     ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME
-    ckpt = load_checkpoint(ckpt_path, fp, set_aside=main_rank, on_abandoned=tracking.end_abandoned_run)
+    ckpt = load_checkpoint(ckpt_path, fp, set_aside=main_rank, on_abandoned=tracking.end_abandoned_run,
+                           run_exists=(lambda run_id: tracking.run_status(run_id) is not None) if main_rank else None)
+    # Every rank must agree on resuming: rank 0 alone asks the tracking store.
+    ckpt = ckpt if distributed.broadcast_object(ckpt is not None) else None
     state = restore(ckpt, learner) if ckpt else TrainState()
     with _run(params, state, network, data) if main_rank else contextlib.nullcontext():
 
@@ -161,14 +165,16 @@ def _train(params: Params) -> None:
 @contextlib.contextmanager
 def _run(params: Params, state: TrainState, network: Network, data: TrainData):
     """The stage's MLflow run: a new one, or on resume the checkpoint's, with its epochs complete."""
-    tags = {**provenance.git_tags(), **provenance.dvc_exp_tags(), "data.source": params.data.source,
+    tags = {**provenance.git_tags(), **provenance.dvc_exp_tags(), "data.source": redact(params.data.source),
             "dvc.prepared_md5": provenance.dvc_out_hash(str(PREPARED_DIR)), "stage": "train",
             "train.processes": distributed.world_size()}
     if network.weights_source:
         tags["train.weights_resolved"] = network.weights_source
     resumed = state.run_id is not None
-    with tracking.run(state.run_id, run_name=f"{params.train.model}-{params.data.source}", tags=tags) as run:
+    tracking.end_orphaned_runs(keep={state.run_id} if resumed else set())
+    with tracking.run(state.run_id, run_name=f"{params.train.model}-{redact(params.data.source)}", tags=tags) as run:
         state.run_id = run.info.run_id
+        tracking.claim_run()
         tracking.warm_up()
         if resumed:
             log.info("resuming MLflow run %s from epoch %d", state.run_id, state.epoch)
@@ -181,9 +187,10 @@ def _run(params: Params, state: TrainState, network: Network, data: TrainData):
 def _log_start(params: Params, net: nn.Module, data: TrainData) -> None:
     total = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    tracking.log_params({**params.flat("base", "data", "prepare", "train"),
-                         "model.total_params": total, "model.trainable_params": trainable})
-    tracking.log_dataset(PREPARED_DIR, name=params.data.source, digest=data.meta.split_digest(), context="training")
+    recorded = {**params.flat("base", "data", "prepare", "train"), "data.source": redact(params.data.source)}
+    tracking.log_params({**recorded, "model.total_params": total, "model.trainable_params": trainable})
+    tracking.log_dataset(PREPARED_DIR, name=redact(params.data.source), digest=data.meta.split_digest(),
+                         context="training")
 
 
 def _log_missing_epochs(state: TrainState) -> None:

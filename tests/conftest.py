@@ -92,9 +92,11 @@ def eval_trained(tmp_path_factory, mlflow_template) -> Project:
 
 @pytest.fixture(scope="session")
 def eval_done(eval_trained, tmp_path_factory) -> Project:
-    """eval_trained plus one evaluate: with no champion yet its model became version 1 @champion."""
+    """eval_trained plus evaluate and promote: with no champion yet its model became version 1
+    @champion."""
     project = eval_trained.clone(tmp_path_factory.mktemp("eval-done"))
     project.run("evaluate")
+    project.run("promote")
     return project
 
 

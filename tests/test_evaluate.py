@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -131,7 +132,7 @@ def test_evaluate_writes_reports(eval_done):
 
     promotion = read_json(eval_done, "reports/promotion.json")
     train = read_json(eval_done, "reports/train.json")
-    assert promotion["promoted"] is True and promotion["reason"] == "no champion yet"
+    assert promotion["would_promote"] is True and promotion["reason"] == "no champion yet"
     assert promotion["champion_version"] is None and promotion["champion_scored"] == "none"
     assert promotion["new_score"] == pytest.approx(metrics["accuracy"])
     assert promotion["run_id"] == train["run_id"]
@@ -164,10 +165,25 @@ def test_evaluate_completes_the_train_run_and_registers_the_model(eval_done):
     assert [int(v.version) for v in versions] == [1]
     version = versions[0]
     assert version.run_id == train["run_id"] and version.source == train["model_uri"]
-    assert float(version.tags["test_accuracy"]) == pytest.approx(metrics["accuracy"])
+    for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+        assert float(version.tags[f"test_{key}"]) == pytest.approx(metrics[key]), key
     assert version.tags["test_data_hash"] == read_json(eval_done, "reports/promotion.json")["test_data_hash"]
-    assert version.tags["promoted"] == "True" and version.tags["promotion_reason"] == "no champion yet"
-    assert client.get_model_version_by_alias(name, "champion").version == version.version
-    assert run.data.tags["promotion.promoted"] == "True"
+    assert version.tags["model_sha256"] == hashlib.sha256(eval_done.path("models/model.pt").read_bytes()).hexdigest()
+    assert version.tags["git.commit"] == "none"  # the project is not a git checkout
+    assert run.data.tags["promotion.would_promote"] == "True"
     assert run.data.tags["promotion.reason"] == "no champion yet"
     assert run.data.tags["registered_model_version"] == "1"
+    # promote (eval_done ran it after evaluate) moved the alias and recorded it, after the move
+    assert client.get_model_version_by_alias(name, "champion").version == version.version
+    assert version.tags["promoted"] == "true" and "champion.candidate" in version.tags
+    assert run.data.tags["promotion.promoted"] == "true"
+    champion = read_json(eval_done, "reports/champion.json")
+    assert champion["version"] == "1" and champion["promoted"] is True and champion["champion_version"] == "1"
+
+    # the test metrics also belong to the logged model, on the test set (MLflow 3's logged-model metrics)
+    model = client.get_logged_model(train["model_uri"].removeprefix("models:/"))
+    on_model = {m.key: m for m in model.metrics}
+    assert on_model["test_accuracy"].value == pytest.approx(metrics["accuracy"])
+    assert on_model["test_accuracy"].dataset_digest == read_json(eval_done, "reports/promotion.json")["test_data_hash"][:32]
+    tests = [d for d in run.inputs.dataset_inputs if {t.key: t.value for t in d.tags}.get("mlflow.data.context") == "testing"]
+    assert len(tests) == 1 and tests[0].dataset.digest == on_model["test_accuracy"].dataset_digest

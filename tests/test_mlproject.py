@@ -37,7 +37,8 @@ def test_repro_rejects_malformed_overrides(argv, capsys):
 def test_mlproject_entry_points():
     spec = yaml.safe_load((REPO / "MLproject").read_text())
     entries = spec["entry_points"]
-    assert set(entries) == {"main", *STAGES}
+    assert set(entries) == {"main", "promote", *STAGES}
+    assert entries["promote"]["command"] == "python -m pipeline.promote"
     assert entries["main"]["command"] == "python -m pipeline.repro"
     for stage in STAGES:
         assert entries[stage]["command"] == f"python -m pipeline.{stage}"
@@ -69,7 +70,8 @@ def mlflow_project(eval_trained, tmp_path) -> tuple[Path, str, dict]:
 
 def test_mlflow_run_evaluate_entry_point(eval_trained, tmp_path):
     """`mlflow run . -e evaluate --env-manager local -P ...` in a git copy of the repo holding what
-    the earlier stages produced: the train run gets its test metrics, and -P reaches the stage."""
+    the earlier stages produced: the train run gets its test metrics, its model is registered, and -P
+    reaches the stage."""
     from mlflow import MlflowClient
 
     repo, uri, env = mlflow_project(eval_trained, tmp_path)
@@ -86,7 +88,9 @@ def test_mlflow_run_evaluate_entry_point(eval_trained, tmp_path):
     run = client.get_run(train["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
-    assert client.get_model_version_by_alias("image-classifier", "champion").run_id == train["run_id"]
+    version = client.get_model_version("image-classifier", promotion["new_version"])
+    assert version.run_id == train["run_id"] and promotion["would_promote"] is True  # registered, assessed
+    assert not version.aliases  # evaluate moves no alias: promote does
     # the train run before this had no test metrics: they came from this evaluate
     before = MlflowClient(tracking_uri=eval_trained.tracking_uri).get_run(train["run_id"])
     assert "test_accuracy" not in before.data.metrics

@@ -1,5 +1,6 @@
-"""Gated promotion to @champion: the decision rule, each case against a real registry, re-scoring a
-champion scored on other data, failures that must leave the alias alone, and run comparison."""
+"""Gated promotion to @champion: the decision rule, evaluate's assessment and promote's move for each
+case against a real registry, re-scoring a champion scored on other data, failures that must leave
+the alias alone, and comparing runs and logged models."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers.project import inside_project
-from pipeline import champion, compare, evaluate
+from pipeline import champion, compare, evaluate, promote
 from pipeline.cli import run_stage
 from pipeline.config import PARAMS_FILE, load_params
 from pipeline.dataset import DatasetMeta
@@ -57,6 +58,13 @@ def evaluate_in_process(project, **overrides) -> dict:
     return read_json(project, "reports/promotion.json")
 
 
+def promote_in_process(project, **overrides) -> dict:
+    """`python -m pipeline.promote`'s main, here; returns reports/champion.json."""
+    with inside_project(project):
+        promote.main(load_params(PARAMS_FILE, overrides))
+    return read_json(project, "reports/champion.json")
+
+
 # -- the rule -------------------------------------------------------------------------------------
 
 
@@ -99,29 +107,37 @@ def test_promotion_against_a_recorded_champion(eval_trained, new_score, tmp_path
 
     decision = evaluate_in_process(project, **{"evaluate.promote_min_delta": str(min_delta)})
 
-    assert decision["promoted"] is promote, decision["reason"]
+    assert decision["would_promote"] is promote, decision["reason"]
     assert decision["new_score"] == new_score
-    assert decision["champion_version"] == champ
+    assert decision["champion_version"] == str(champ)
     assert decision["champion_score"] == champ_score  # read back from the tag exactly
     assert decision["champion_scored"] == "recorded on the same test data"
     assert decision["min_delta"] == min_delta
     new_version = decision["new_version"]
-    assert new_version != champ
-    assert champion_version(project) == (new_version if promote else champ)
-    tags = client_for(project).get_model_version(NAME, str(new_version)).tags
-    assert tags["promoted"] == str(promote) and tags["promotion_reason"] == decision["reason"]
+    assert new_version != str(champ)
+    assert champion_version(project) == champ  # evaluate moves nothing
     if case.startswith("min_delta larger"):
         assert "0.05" in decision["reason"]
+
+    outcome = promote_in_process(project, **{"evaluate.promote_min_delta": str(min_delta)})
+    assert outcome["version"] == new_version and outcome["promoted"] is promote, outcome["reason"]
+    assert champion_version(project) == (int(new_version) if promote else champ)
+    tags = client_for(project).get_model_version(NAME, new_version).tags
+    assert (tags.get("promoted") == "true") is promote
+    if not promote:
+        assert outcome["champion_version"] == str(champ) and "does not beat" in outcome["reason"]
 
 
 @pytest.fixture(scope="module")
 def two_runs(eval_done, tmp_path_factory):
     """eval_done (a 3-epoch model, @champion v1) plus a second, much worse training run (one epoch
-    at a tiny learning rate) that was evaluated too: two real runs, two versions."""
+    at a tiny learning rate) that was evaluated and submitted to promote too: two real runs, two
+    versions."""
     project = eval_done.clone(tmp_path_factory.mktemp("two-runs"))
     project.set(train__epochs=1, train__lr=1e-5)
     project.run("train")
     project.run("evaluate")
+    project.run("promote")
     return project
 
 
@@ -130,8 +146,10 @@ def test_a_worse_second_training_run_does_not_move_the_champion(eval_done, two_r
     bad = read_json(two_runs, "reports/metrics.json")["accuracy"]
     assert bad < good - 0.1
     decision = read_json(two_runs, "reports/promotion.json")
-    assert decision["promoted"] is False
-    assert (decision["champion_version"], decision["new_version"]) == (1, 2)
+    assert decision["would_promote"] is False
+    assert (decision["champion_version"], decision["new_version"]) == ("1", "2")
+    outcome = read_json(two_runs, "reports/champion.json")
+    assert outcome["version"] == "2" and outcome["promoted"] is False and outcome["champion_version"] == "1"
     assert decision["champion_score"] == pytest.approx(good)
     assert decision["champion_scored"] == "recorded on the same test data"
     assert decision["new_score"] == pytest.approx(bad)
@@ -139,7 +157,7 @@ def test_a_worse_second_training_run_does_not_move_the_champion(eval_done, two_r
     client = client_for(two_runs)
     v2 = client.get_model_version(NAME, "2")
     assert v2.run_id == read_json(two_runs, "reports/train.json")["run_id"] != read_json(eval_done, "reports/train.json")["run_id"]
-    assert v2.tags["promoted"] == "False"
+    assert "promoted" not in v2.tags and "champion.candidate" not in v2.tags  # it did not pass the gate
     assert client.get_run(v2.run_id).info.status == "FINISHED"
 
 
@@ -156,7 +174,7 @@ def test_champion_scored_on_other_data_is_rescored_on_todays_test_split(two_runs
     decision = evaluate_in_process(project)
 
     assert decision["test_data_hash"] == new_hash
-    assert decision["champion_version"] == 1
+    assert decision["champion_version"] == "1"
     assert decision["champion_scored"].startswith("re-scored")
     # The champion's score on the new split, computed independently through its pyfunc flavour.
     test = np.load(project.path("data/prepared/test.npy"))
@@ -166,11 +184,16 @@ def test_champion_scored_on_other_data_is_rescored_on_todays_test_split(two_runs
         probs = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(test.astype(np.float32) / 255.0)
     expected = float((np.asarray(probs).argmax(axis=1) == labels).mean())
     assert decision["champion_score"] == pytest.approx(expected, abs=1e-6)
-    recorded = float(client_for(project).get_model_version(NAME, "1").tags["test_accuracy"])
+    v1 = client_for(project).get_model_version(NAME, "1").tags
+    recorded = float(v1["test_accuracy"])
     assert decision["champion_score"] != recorded  # not the tag recorded on the old split
-    # v2 (the weak model) against the re-scored champion: not promoted, and v2 now carries the new hash.
+    # the re-score is kept on the champion's version, keyed by the new split
+    assert float(v1[f"rescored.{new_hash[:16]}.test_accuracy"]) == pytest.approx(expected, abs=1e-6)
+    # v2 (the weak model) against the re-scored champion: would not be, and is not, promoted; v2 now
+    # carries the new hash.
     assert decision["new_score"] < expected
-    assert decision["promoted"] is False
+    assert decision["would_promote"] is False
+    assert promote_in_process(project)["promoted"] is False
     assert champion_version(project) == 1
     assert client_for(project).get_model_version(NAME, "2").tags["test_data_hash"] == new_hash
 
@@ -197,8 +220,8 @@ def test_evaluation_failing_after_registration_leaves_the_alias(eval_trained, tm
     run = client.get_run(train["run_id"])
     assert run.info.status == "FAILED"
     assert "test_accuracy" in run.data.metrics  # it got that far
-    # No record claims a promotion that did not happen: `promoted` is tagged after the alias moves.
-    assert "beats champion" in run.data.tags["promotion.reason"]  # it decided to promote
+    # No record claims a promotion that did not happen.
+    assert "beats champion" in run.data.tags["promotion.reason"]  # it would promote
     assert "promotion.promoted" not in run.data.tags
     assert "promoted" not in client.get_model_version(NAME, str(champ + 1)).tags
     assert blocker.is_dir() and (blocker / "keep").exists()
@@ -258,3 +281,23 @@ def test_compare_sorts_runs_marks_the_champion_and_shows_only_differing_params(e
         table = compare.runs_table("image-classifier", NAME, "accuracy", all_params=True)
     assert {"train.model", "train.batch_size"} <= set(table.columns)
     assert list(table["champion"]) == ["*", ""]
+
+
+def test_compare_ranks_logged_models_by_their_test_metric(eval_done, two_runs):
+    good, bad = (read_json(p, "reports/train.json")["model_uri"].removeprefix("models:/") for p in (eval_done, two_runs))
+    proc = two_runs.run("compare", "--models")
+    rows = [line.split() for line in proc.stdout.strip().splitlines()[1:]]
+    assert [r[0] for r in rows] == [good, bad]  # MLflow's own order: best test accuracy on this test set
+    assert "*" in rows[0] and "*" not in rows[1]
+    with inside_project(two_runs):
+        table = compare.models_table("image-classifier", NAME, "accuracy", current_test_hash(two_runs))
+    assert list(table["test_accuracy"]) == sorted(table["test_accuracy"], reverse=True)
+    assert table["test_accuracy"].iloc[0] == pytest.approx(read_json(eval_done, "reports/metrics.json")["accuracy"])
+
+
+def test_promote_of_an_unregistered_model_says_what_to_do(eval_trained, tmp_path):
+    project = eval_trained.clone(tmp_path)  # trained, never evaluated against this store
+    proc = project.run("promote", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "models/model.pt" in proc.stderr and "is not registered" in proc.stderr and "dvc repro -f" in proc.stderr
+    assert not project.path("reports/champion.json").exists()

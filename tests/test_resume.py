@@ -61,7 +61,7 @@ def test_checkpoint_of_other_params_is_set_aside_and_its_run_marked_killed(train
     p.set(train__lr=p.params()["train"]["lr"] / 2)
 
     again = p.run("train")
-    assert "params or data changed; kept as train.stale" in again.stderr, again.stderr
+    assert "params, data or tracking store changed; kept as train.stale" in again.stderr, again.stderr
     assert "resuming MLflow run" not in again.stderr and f"epoch 1/{TRAIN_FAST['train__epochs']}" in again.stderr
     assert p.path(".checkpoints/train.stale").exists()
     old = p.client().get_run(first["run_id"])

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from helpers.images import make_images
 from helpers.project import VENV_BIN, ran_stages, sh
 
@@ -100,3 +102,55 @@ def test_experiments_and_queued_sweep_are_mlflow_runs(repo):
         assert r.info.artifact_uri.startswith((root / "mlruns").as_uri())
     shown = sh(["dvc", "exp", "show", "--no-pager", "--csv"], root, env).stdout
     assert "0.002" in shown and "0.004" in shown and "accuracy" in shown
+
+
+def test_a_pull_request_registers_its_model_and_main_promotes_it_without_training_again(repo, tmp_path,
+                                                                                       mlflow_template):
+    """The CI flow, with two clones sharing one DVC remote and one MLflow store: the pull request's job
+    (`make retrain`) trains, registers and pushes its run cache, and moves nothing; main's job after the
+    merge (`make retrain RETRAIN_ARGS=--promote`) restores train and evaluate from that run cache and
+    promotes the very version the pull request registered."""
+    import shutil
+
+    shutil.copy(mlflow_template, tmp_path / "shared.db")
+    remote = tmp_path / "remote"
+    repo.dvc("remote", "add", "-d", "shared", str(remote))
+    repo.commit("a DVC remote")
+    make = ["make", "-o", f"{VENV_BIN.parent}/.installed", f"VENV={VENV_BIN.parent}"]
+    env = {**repo.env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'shared.db'}", "RETRAIN_BASE": "HEAD"}
+
+    def clone(name: str, branch: str):
+        path = tmp_path / name
+        sh(["git", "clone", "-q", "-b", branch, str(repo.root), str(path)], tmp_path, env)
+        shutil.copytree(repo.path("data/sources/images"), path / "data/sources/images", dirs_exist_ok=True)
+        return path, {**env, "PYTHONPATH": str(path)}
+
+    repo.git("checkout", "-q", "-b", "feature")
+    repo.set(train__lr=0.002)
+    repo.commit("a pull request: another learning rate")
+    pr, pr_env = clone("pr", "feature")
+    first = sh([*make, "retrain"], pr, pr_env)
+    assert "Running stage 'train'" in first.stdout and "Running stage 'evaluate'" in first.stdout
+    decision = json.loads((pr / "reports/promotion.json").read_text())
+    assert decision["would_promote"] is True and "would become @champion" in (pr / "reports/retrain_summary.md").read_text()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    with pytest.raises(Exception):
+        client.get_model_version_by_alias("image-classifier", "champion")  # the pull request moved nothing
+    runs_after_pr = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])
+
+    repo.git("checkout", "-q", "main")
+    repo.git("merge", "-q", "--ff-only", "feature")
+    main, main_env = clone("main", "main")
+    merged = sh([*make, "retrain", "RETRAIN_ARGS=--promote"], main, main_env)
+    assert "Running stage 'train'" not in merged.stdout and "Running stage 'evaluate'" not in merged.stdout, merged.stdout
+    assert "Stage 'train' is cached - skipping run" in merged.stdout  # restored from the run cache
+    version = client.get_model_version_by_alias("image-classifier", "champion")
+    assert str(version.version) == decision["new_version"] and version.run_id == decision["run_id"]
+    assert (main / "models/model.pt").read_bytes() == (pr / "models/model.pt").read_bytes()
+    after = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])
+    assert len(after) == len(runs_after_pr) == 1  # main trained nothing
+    outcome = json.loads((main / "reports/champion.json").read_text())
+    assert outcome["promoted"] is True and outcome["version"] == decision["new_version"]
+    assert "**promoted to @champion**" in (main / "reports/retrain_summary.md").read_text()

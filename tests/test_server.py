@@ -13,6 +13,8 @@ import urllib.request
 import pytest
 
 from helpers.mlflow_server import PASSWORD, USER, Server, free_port
+from helpers.project import REPO
+from helpers.race import run_trials
 
 FAST = dict(prepare__image_size=8, prepare__min_images_per_class=3, train__epochs=2, train__hidden_units=4)
 
@@ -66,6 +68,11 @@ def test_train_and_evaluate_against_server(server, project, monkeypatch):
     project.run("evaluate")
     train = json.loads(project.path("reports/train.json").read_text())
     promotion = json.loads(project.path("reports/promotion.json").read_text())
+    # A shared registry's champion moves only from a main branch (CI on main, after review).
+    refused = project.run("promote", check=False, env={"GITHUB_REF_NAME": "feature-x"})
+    assert refused.returncode == 1 and "refusing to move @champion in the shared registry" in refused.stderr
+    assert "from branch feature-x" in refused.stderr and "main" in refused.stderr
+    project.run("promote", env={"GITHUB_REF_NAME": "main"})
 
     from mlflow import MlflowClient
 
@@ -95,3 +102,14 @@ def test_stage_fails_fast_when_server_is_down(project):
     assert down in proc.stderr and "unreachable" in proc.stderr
     assert "epoch 1" not in proc.stderr  # failed before any training
     assert not project.path("models/model.pt").exists()
+
+
+def test_concurrent_promotions_through_the_server_end_on_the_best(server, monkeypatch):
+    """4 promotions at once through the server (its 4 workers), 5 trials: the alias ends on the best."""
+    env = {"MLFLOW_TRACKING_URI": server, "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+           "PYTHONPATH": str(REPO)}
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, env[key])
+    results = run_trials(env, trials=5, workers=4, seed=2)
+    print(f"{len(results)} trials; final champion the best in {sum(r['final'] == r['best'] for r in results)}")
+    assert [r for r in results if r["final"] != r["best"]] == []

@@ -5,43 +5,14 @@ imports another."""
 from __future__ import annotations
 
 import ast
-import re
-from pathlib import Path
 
 import pytest
 import yaml
 
 from helpers.project import REPO
+from tools.dvc_deps import closure, graph, needed_files, stage_module
 
 PACKAGE = REPO / "pipeline"
-
-
-def imported_modules(path: Path) -> set[str]:
-    """pipeline.* modules that `path` imports, at module level or inside functions."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
-            if node.module == "pipeline":  # from pipeline import x, y
-                out |= {f"pipeline.{a.name}" for a in node.names if (PACKAGE / f"{a.name}.py").exists()}
-            else:
-                out.add(node.module)
-        elif isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("pipeline.")}
-    return out
-
-
-def graph() -> dict[str, set[str]]:
-    return {f"pipeline.{p.stem}": imported_modules(p) - {f"pipeline.{p.stem}"} for p in PACKAGE.glob("*.py")}
-
-
-def closure(module: str, edges: dict[str, set[str]]) -> set[str]:
-    seen, todo = set(), [module]
-    while todo:
-        m = todo.pop()
-        if m not in seen:
-            seen.add(m)
-            todo += edges.get(m, ())
-    return seen
 
 
 def test_pipeline_has_no_import_cycle():
@@ -69,12 +40,11 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_each_stage_depends_on_exactly_the_modules_it_runs(stage):
     spec = STAGES[stage]
-    module = re.search(r"python -m (pipeline\.\w+)", spec["cmd"]).group(1)
-    needed = {m.replace(".", "/") + ".py" for m in closure(module, graph())}
+    needed = set(needed_files(stage_module(spec["cmd"])))
     deps = {d if isinstance(d, str) else next(iter(d)) for d in spec.get("deps", [])}
     listed = {d for d in deps if d.startswith("pipeline/")}
-    assert sorted(needed - listed) == [], f"{stage}: a change to these would not re-run it"
-    assert sorted(listed - needed) == [], f"{stage}: these re-run it for nothing (or no longer exist)"
+    assert sorted(needed - listed) == [], f"{stage}: a change to these would not re-run it (python -m tools.dvc_deps)"
+    assert sorted(listed - needed) == [], f"{stage}: these re-run it for nothing, or are gone (python -m tools.dvc_deps)"
 
 
 def test_no_test_module_imports_another():

@@ -418,6 +418,9 @@ def test_warm_start_from_a_registered_model(train_reference, tmp_path):
     assert saved["config"]["mean"] == pytest.approx(source["config"]["mean"])
     assert meta["mean"] != pytest.approx(source["config"]["mean"])
     assert saved["config"]["std"] == pytest.approx(source["config"]["std"])
+    # the run records which version the alias resolved to when it started
+    run = p.client().get_run(summary(p)["run_id"])
+    assert run.data.tags["train.weights_resolved"] == f"models:/warm-source/{version.version}"
 
 
 # -- interrupted and failing runs -----------------------------------------------------------------

@@ -29,7 +29,7 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_sessionfinish(session, exitstatus):
     if fault_report.RECORDER.outcomes:
-        fault_report.write_report()
+        fault_report.write_report(temp=session.config._tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")
@@ -40,10 +40,11 @@ def pristine_repo(tmp_path_factory, mlflow_template) -> Repo:
 
 @pytest.fixture(scope="session")
 def baseline_repo(pristine_repo, tmp_path_factory) -> Repo:
-    """pristine_repo after one uninterrupted `dvc repro`, committed: the reference result, and
-    model version 1 @champion."""
+    """pristine_repo after one uninterrupted `dvc repro` and `promote` (`make repro`), committed: the
+    reference result, and model version 1 @champion."""
     repo = pristine_repo.clone(tmp_path_factory.mktemp("baseline") / "repo")
     proc = repo.dvc("repro")
     assert ran_stages(proc.stdout) == {"fetch_data", "prepare", "train", "evaluate"}, proc.stdout
+    repo.run("promote")
     repo.commit("baseline repro")
     return repo

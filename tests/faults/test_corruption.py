@@ -6,10 +6,10 @@ from __future__ import annotations
 import io
 import json
 import signal
+from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.checks import error_line, lines_with
 from helpers.project import ran_stages
 from helpers.training import read_checkpoint, wait_for_checkpoint
@@ -141,3 +141,57 @@ def _write(path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+class _Payload:
+    """Unpickling this runs code: it touches a marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+TAMPERS = {
+    "pickle": ("weights.safetensors replaced by a pickle whose unpickling runs a shell command",
+               "not a safetensors weights file"),
+    "config": ("model_config.json pointing at an architecture that does not exist", "unknown model"),
+    "shapes": ("model_config.json with another class count than the weights", "do not fit"),
+}
+
+
+@pytest.mark.parametrize("how", list(TAMPERS))
+def test_a_tampered_model_artifact_is_refused_not_run(eval_done, tmp_path, how, fault_log):
+    """The champion's artifacts in the store are rewritten by someone with write access to it; predict,
+    a warm start and evaluate's re-scoring read them (registry.load_model)."""
+    project = eval_done.clone(tmp_path / "p", own_artifacts=True)  # eval_done's stay as they are
+    client = project.client()
+    version = client.get_model_version_by_alias("image-classifier", "champion")
+    folder = Path(client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
+                  .removeprefix("file://")) / "artifacts"
+    assert folder.is_relative_to(project.root)
+    marker = tmp_path / "pwned"
+    if how == "pickle":
+        torch.save(_Payload(str(marker)), folder / "weights.safetensors")
+    else:
+        config = json.loads((folder / "model_config.json").read_text())
+        if how == "config":
+            config["model"] = "resnet999"
+        else:
+            config["classes"] = config["classes"] + ["extra"]
+        (folder / "model_config.json").write_text(json.dumps(config))
+    image = project.path("one.png")
+    from PIL import Image
+
+    Image.new("L", (8, 8), 128).save(image)
+    proc = project.run("predict", str(image), "--model", "models:/image-classifier@champion", check=False)
+    line = error_line(proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert TAMPERS[how][1] in line and "models:/image-classifier@champion" in line, line
+    assert not marker.exists()  # nothing in the artifact ran
+    fault_log.record(AREA, f"the champion's logged model tampered with: {TAMPERS[how][0]}; "
+                     "`python -m pipeline.predict --model models:/image-classifier@champion`",
+                     f"exit {proc.returncode}: '{line[:240]}'; the pickle's command did not run (no marker file)")

@@ -163,8 +163,8 @@ def test_kill_9_during_prepare_leaves_cache_and_lock_as_they_were(baseline_repo,
 
 
 def test_kill_9_during_evaluate_does_not_move_the_alias(baseline_repo, tmp_path, fault_log):
-    """kill -9 of `dvc repro` during evaluate, after the new model version was registered and before
-    the @champion alias could move (the store is held locked at that moment)."""
+    """kill -9 of `dvc repro` during evaluate, after the new model version was registered (the store
+    is held locked at that moment); then `dvc repro` and `promote` again, as `make repro` does."""
     repo = baseline_repo.clone(tmp_path / "repo")
     name = repo.params()["mlflow"]["registered_model"]
     champion = repo.champion_version()
@@ -184,7 +184,7 @@ def test_kill_9_during_evaluate_does_not_move_the_alias(baseline_repo, tmp_path,
 
     new_version = poll(registered, "a new model version", bg=bg, interval=0.001)
     lock = sqlite3.connect(repo.db, timeout=30, isolation_level=None)
-    lock.execute("BEGIN EXCLUSIVE")  # evaluate blocks at its next MLflow write: the kill lands before the alias
+    lock.execute("BEGIN EXCLUSIVE")  # evaluate blocks at its next MLflow write: the kill lands mid-stage
     at_kill = lock.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = 'champion'",
                            (name,)).fetchone()[0]
     evaluate_pid = bg.find("pipeline.evaluate")
@@ -202,7 +202,9 @@ def test_kill_9_during_evaluate_does_not_move_the_alias(baseline_repo, tmp_path,
     again = repo.dvc("repro")
     assert ran_stages(again.stdout) == {"evaluate"}
     promotion = json.loads(repo.path("reports/promotion.json").read_text())
-    assert promotion["promoted"] and str(promotion["new_version"]) == str(new_version)
+    assert promotion["would_promote"] and str(promotion["new_version"]) == str(new_version)
+    assert repo.champion_version() == champion  # evaluate moves nothing
+    repo.run("promote")
     assert repo.champion_version() == str(new_version)
     assert leftovers(repo.path("reports")) == []
     fault_log.record(
@@ -210,5 +212,5 @@ def test_kill_9_during_evaluate_does_not_move_the_alias(baseline_repo, tmp_path,
               f"version {new_version} (a version that must be promoted), before it could move @champion",
         f"dvc exit {rc}; @champion still version {champion}; dvc.lock's evaluate entry unchanged; no "
         f"reports/metrics.json or promotion.json (removed by DVC before the stage, not rewritten), temp files left: "
-        f"{len(stale)}. Re-run `dvc repro`: evaluate alone ran, promoted version {promotion['new_version']} "
-        f"('{promotion['reason']}'), @champion -> {repo.champion_version()}")
+        f"{len(stale)}. Re-run `dvc repro`: evaluate alone ran (version {promotion['new_version']} would become "
+        f"champion: '{promotion['reason']}'); `promote`: @champion -> {repo.champion_version()}")

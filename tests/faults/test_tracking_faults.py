@@ -210,3 +210,90 @@ def test_sqlite_store_locked_by_a_concurrent_writer(baseline_repo, tmp_path, fau
                            "sqlite's default 5 s busy timeout) from train's epoch 1 on; MLFLOW_TRACKING_URI unset",
                      f"train waited on the lock (finished {waited:.1f} s after it was taken), exit {rc}; the run "
                      f"FINISHED with val_loss logged once for each epoch 1..{epochs}; no 'database is locked'")
+
+
+# -- tracking state that no longer exists -----------------------------------------------------------
+
+
+def killed_after_a_checkpoint(train_data, tmp_path, mlflow_template):
+    """A project whose train was kill -9ed after its first checkpoint: (project, checkpoint)."""
+    from helpers.project import copy_prepared
+
+    p = copy_prepared(train_data, tmp_path, mlflow_template, train__epochs=500, train__patience=500)
+    bg = p.start_stage("train")
+    ckpt = wait_for_checkpoint(p, bg, epoch=1)
+    bg.kill()
+    return p, ckpt
+
+
+@pytest.mark.parametrize("gone", ["deleted", "other store"])
+def test_checkpoint_whose_run_is_gone_is_set_aside(train_data, tmp_path, mlflow_template, fault_log, gone):
+    """A killed train's checkpoint whose MLflow run was deleted from the UI, or lives in another store."""
+    p, ckpt = killed_after_a_checkpoint(train_data, tmp_path, mlflow_template)
+    if gone == "deleted":
+        p.client().delete_run(ckpt["run_id"])  # the same params and store: only the run is gone
+        expected = f"its MLflow run {ckpt['run_id']} is not in the tracking store"
+    else:
+        import shutil
+
+        shutil.copy(mlflow_template, tmp_path / "other.db")
+        p.tracking_uri = f"sqlite:///{tmp_path / 'other.db'}"
+        expected = "params, data or tracking store changed"
+    proc = p.run("train", check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert expected in proc.stderr and "kept as train.stale" in proc.stderr
+    assert "epoch 1/500" in proc.stderr and "resuming" not in proc.stderr  # trained afresh
+    (new,) = [r for r in p.runs() if r.info.run_id != ckpt["run_id"]]
+    assert new.info.status == "FINISHED"
+    fault_log.record(AREA, f"a killed train's checkpoint whose MLflow run is gone ({gone}), then train again",
+                     f"exit 0; warning: '{lines_with(proc.stderr, 'not resuming')[0].split(': ', 1)[-1][:200]}'; "
+                     "trained from epoch 1 in a new run, FINISHED")
+
+
+def test_train_killed_before_its_first_checkpoint_leaves_no_run_running(train_data, tmp_path, mlflow_template,
+                                                                        fault_log):
+    """kill -9 of train after its MLflow run started and before its first checkpoint; train again."""
+    import sqlite3
+
+    from helpers.processes import poll
+    from helpers.project import copy_prepared
+
+    p = copy_prepared(train_data, tmp_path, mlflow_template, train__batch_size=1, train__epochs=3)
+    db = p.tracking_uri.removeprefix("sqlite:///")
+
+    def running_run():
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+            row = con.execute("SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                              "WHERE r.status = 'RUNNING' AND t.key = 'pipeline.process'").fetchone()
+        return row[0] if row else None
+
+    bg = p.start_stage("train")
+    orphan = poll(running_run, "a RUNNING run claimed by train", timeout=120, bg=bg, interval=0.002)
+    bg.kill()
+    assert not p.checkpoint().exists(), "the kill came after the first checkpoint"
+    assert p.client().get_run(orphan).info.status == "RUNNING"
+
+    proc = p.run("train")
+    run = p.client().get_run(orphan)
+    assert run.info.status == "KILLED" and "ended without ending the run" in run.data.tags["abandoned"]
+    assert f"MLflow run {orphan} was left RUNNING by a killed process" in proc.stderr
+    assert [r.info.status for r in p.runs() if r.info.run_id != orphan] == ["FINISHED"]
+    fault_log.record(AREA, "kill -9 of train after its run started, before its first checkpoint; train again",
+                     f"the orphaned run {run.info.status} with tag abandoned='{run.data.tags['abandoned']}'; "
+                     "the new run FINISHED")
+
+
+def test_evaluate_of_a_run_not_in_this_store_says_what_to_do(eval_trained, tmp_path, mlflow_template, fault_log):
+    """evaluate while MLFLOW_TRACKING_URI names a store without the run reports/train.json names."""
+    import shutil
+
+    p = eval_trained.clone(tmp_path / "p")
+    shutil.copy(mlflow_template, tmp_path / "other.db")
+    p.tracking_uri = f"sqlite:///{tmp_path / 'other.db'}"
+    proc = p.run("evaluate", check=False)
+    line = error_line(proc.stderr)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "reports/train.json names MLflow run" in line and "dvc repro -f train" in line
+    assert not p.path("reports/metrics.json").exists()
+    fault_log.record(AREA, "evaluate against a tracking store that lacks reports/train.json's run",
+                     f"exit 1: '{line.split('error: ', 1)[-1]}'")

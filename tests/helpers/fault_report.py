@@ -74,7 +74,25 @@ def _result(row_passed: bool | None, out: Outcome) -> str:
     return "pass"
 
 
-def write_report(path: Path = REPORT) -> None:
+def running_runs(folder: Path) -> tuple[int, list[str]]:
+    """(MLflow sqlite stores under `folder`, the runs still RUNNING in them as "<store>: <run id>")."""
+    import sqlite3
+
+    stores, running = 0, []
+    for db in folder.rglob("*.db"):
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+                rows = con.execute("SELECT run_uuid FROM runs WHERE status = 'RUNNING' AND "
+                                   "lifecycle_stage = 'active'").fetchall()
+        except sqlite3.Error:  # not an MLflow store
+            continue
+        stores += 1
+        running += [f"{db.relative_to(folder)}: {r[0]}" for r in rows]
+    return stores, running
+
+
+def write_report(path: Path = REPORT, temp: Path | None = None) -> None:
+    """The report; with `temp`, the session's temp folder, also the runs its stores hold RUNNING."""
     outcomes = RECORDER.outcomes
     counts = {s: sum(1 for o in outcomes.values() if o.status == s) for s in ("passed", "failed", "xfailed", "skipped")}
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -91,6 +109,10 @@ def write_report(path: Path = REPORT) -> None:
         f"{time.monotonic() - _STARTED:.0f} s.",
         "",
     ]
+    if temp is not None:
+        stores, running = running_runs(temp)
+        lines += [f"MLflow runs left RUNNING in the session's {stores} stores at its end: {len(running)}"
+                  + (": " + "; ".join(running[:20]) if running else "") + ".", ""]
     for area in AREAS:
         rows = [r for r in RECORDER.rows if r.area == area]
         recorded = {r.nodeid for r in RECORDER.rows}

@@ -18,12 +18,14 @@ class LoopbackServer:
     stall     sends half the body, then goes silent until the test ends
     silent    accepts the request and never answers
     error     500 Internal Server Error
-    Anything not routed is a 404. `requests` lists the paths asked for, in order.
+    Anything not routed is a 404. `requests` lists the paths asked for (with their query), in order,
+    and `authorizations` their Authorization headers.
     """
 
     def __init__(self):
         self.routes: dict[str, tuple[str, bytes]] = {}
         self.requests: list[str] = []
+        self.authorizations: list[str | None] = []
         self.release = threading.Event()
         server = self
 
@@ -33,6 +35,7 @@ class LoopbackServer:
 
             def do_GET(self):
                 server.requests.append(self.path)
+                server.authorizations.append(self.headers.get("Authorization"))
                 mode, body = server.routes.get(self.path, ("missing", b""))
                 if mode == "missing":
                     self.send_error(404, "Not Found")

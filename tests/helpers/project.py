@@ -153,19 +153,23 @@ class Project:
         with contextlib.chdir(self.root):
             return func(load_params("params.yaml"))
 
-    def clone(self, base: Path) -> "Project":
+    def clone(self, base: Path, own_artifacts: bool = False) -> "Project":
         """A copy at `base`/project (files and MLflow store), to change without touching this one.
 
         The copied store still names this project's artifact folders (MLflow stores absolute paths),
-        so artifacts are shared: clones add to them (new runs get new folders) but never delete any."""
+        so artifacts are shared: clones add to them (new runs get new folders) but never delete any.
+        `own_artifacts`: the clone gets a copy of them, for a test that changes artifacts."""
         base.mkdir(parents=True, exist_ok=True)
         root = base / "project"
         shutil.copytree(self.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlruns"))
         db = self._db()
+        new_db = base / "mlflow.db" if db.parent != self.root else root / "mlflow.db"
         if db.parent != self.root:
-            shutil.copy(db, base / "mlflow.db")
-            return type(self)(root, f"sqlite:///{base / 'mlflow.db'}", self._env)
-        return type(self)(root, f"sqlite:///{root / 'mlflow.db'}", self._env)
+            shutil.copy(db, new_db)
+        clone = type(self)(root, f"sqlite:///{new_db}", self._env)
+        if own_artifacts:
+            _move_artifacts(new_db, root / "mlruns")
+        return clone
 
     # MLflow (the project's sqlite store)
     def _db(self) -> Path:
@@ -274,6 +278,25 @@ class Repo(Project):
 
     def start_dvc(self, *args: str, env: dict | None = None):
         return self.start("dvc", *args, env=env)
+
+
+def _move_artifacts(db: Path, dest: Path) -> None:
+    """Copy the artifact folders store `db` names to `dest` and point the store there."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        roots = {r[0] for r in con.execute("SELECT artifact_location FROM experiments")
+                 if r[0] and r[0].startswith("file://") and Path(r[0].removeprefix("file://")).is_dir()}
+        assert len(roots) <= 1, roots
+        for old in roots:
+            shutil.copytree(old.removeprefix("file://"), dest)
+            for table, in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                columns = [c[1] for c in con.execute(f"PRAGMA table_info('{table}')") if "CHAR" in c[2].upper()
+                           or "TEXT" in c[2].upper()]
+                for column in columns:
+                    for before, after in ((old, dest.as_uri()), (old.removeprefix("file://"), str(dest))):
+                        con.execute(f'UPDATE "{table}" SET "{column}" = REPLACE("{column}", ?, ?) '
+                                    f'WHERE "{column}" LIKE ?', (before, after, f"%{before}%"))
 
 
 @contextlib.contextmanager
