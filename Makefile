@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install repro promote retrain sweep server test bench bench-scale clean
+.PHONY: install install-dev repro promote retrain sweep server test screenshots bench bench-scale clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,6 +14,13 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# What the tests and tools need too (requirements-dev.txt)
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install-dev: $(VENV)/.installed-dev
 
 # The pipeline, then the deliberate step that moves @champion (pipeline/promote.py).
 repro: install
@@ -41,15 +48,19 @@ sweep: install
 server: install
 	$(PY) -m pipeline.server
 
-bench: install
+bench: install-dev
 	$(PY) -m tools.bench
 
 # fetch_data + prepare on a generated zip of 120,000 JPEGs (and 12,000): time and memory
-bench-scale: install
+bench-scale: install-dev
 	$(PY) -m tools.bench --scale 120000
 
-test: install
+test: install-dev
 	$(PY) -m pytest -q tests
+
+# PNGs of the MLflow UI and `dvc plots show` after `make repro`, in reports/screenshots/ (needs Chromium)
+screenshots: install-dev
+	$(PY) -m tools.screenshots
 
 clean:
 	rm -rf data/raw data/raw.json data/prepared models reports/*.json reports/*.csv mlflow.db mlflow.db.lock mlruns .checkpoints

@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with pd.option_context("display.width", 200, "display.max_columns", 50):
         print(table.to_string(index=False))
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(params.mlflow.experiment)
+    print(f"\nin `mlflow ui`: {tracking.runs_url(exp.experiment_id)}")
     return 0
 
 

@@ -24,12 +24,15 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, read_json, sha256_file, write_json
 from pipeline.metrics import compute_metrics
 from pipeline.models import load_classifier
-from pipeline.paths import METRICS_JSON, MODEL_PATH, PREDICTIONS_CSV, PREPARED_DIR, PROMOTION_JSON, TRAIN_JSON
+from pipeline.paths import (CONFUSION_PNG, METRICS_JSON, MODEL_PATH, PER_CLASS_JSON, PREDICTIONS_CSV, PREDICTIONS_PNG,
+                            PREPARED_DIR, PROMOTION_JSON, TRAIN_JSON)
 from pipeline.runtime import resolve_runtime
 
 log = logging.getLogger(__name__)
 
 GRID = 10  # images in each panel of the error-analysis figure
+# what `dvc metrics show` shows (reports/metrics.json); per-class values go to reports/per_class.json
+HEADLINE = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "top5_accuracy", "test_images")
 
 
 def write_predictions(path: Path, test: Split, probs: torch.Tensor, classes: list[str]) -> None:
@@ -42,16 +45,32 @@ def write_predictions(path: Path, test: Split, probs: torch.Tensor, classes: lis
                 writer.writerow([file, classes[test.labels[i]], classes[pred[i]], f"{conf[i].item():.6f}"])
 
 
+def across_classes(indices: list[int], classes_of: np.ndarray, count: int) -> list[int]:
+    """The first `count` of `indices` (already in order of confidence), taking one per class in turn,
+    so that a model sure of one class does not fill the row with it."""
+    queues: dict[int, list[int]] = {}
+    for i in indices:
+        queues.setdefault(int(classes_of[i]), []).append(i)
+    picks = []
+    while len(picks) < count and any(queues.values()):
+        for queue in sorted(queues.values(), key=lambda q: indices.index(q[0]) if q else len(indices)):
+            if queue and len(picks) < count:
+                picks.append(queue.pop(0))
+    return picks
+
+
 def error_figure(test: Split, probs: torch.Tensor, classes: list[str]):
-    """The most confident correct and wrong predictions (the notebooks' plot_most_correct, both ways)."""
+    """The most confident correct and wrong predictions, one class after another (the notebooks'
+    plot_most_correct, both ways)."""
     conf, pred = probs.max(dim=1)
     correct = pred.numpy() == test.labels
-    order = np.argsort(-conf.numpy(), kind="stable")
-    picks = [i for i in order if correct[i]][:GRID // 2] + [i for i in order if not correct[i]][:GRID // 2]
+    order = [int(i) for i in np.argsort(-conf.numpy(), kind="stable")]
+    picks = (across_classes([i for i in order if correct[i]], test.labels, GRID // 2)
+             + across_classes([i for i in order if not correct[i]], test.labels, GRID // 2))
     titles = [f"true {classes[test.labels[i]]}\npred {classes[pred[i]]} {conf[i]:.2f}" for i in picks]
     colors = ["green" if correct[i] else "red" for i in picks]
     return plots.image_grid(test.images[picks], titles, colors,
-                            "Most confident correct (green) and wrong (red) test predictions")
+                            "Most confident correct (green) and wrong (red) test predictions, across classes")
 
 
 def _metric_key(name: str) -> str:
@@ -88,7 +107,8 @@ def main(params: Params) -> None:
         decision = champion.assess(cfg, name, version, metrics[cfg.promote_metric], test_hash, test, classes, rt)
         tracking.set_tags({"registered_model_version": decision.new_version,
                            "promotion.would_promote": decision.would_promote, "promotion.reason": decision.reason})
-        write_json(METRICS_JSON, {k: v for k, v in metrics.items() if k != "confusion_matrix"})
+        write_json(METRICS_JSON, {k: v for k, v in metrics.items() if k in HEADLINE})
+        write_json(PER_CLASS_JSON, metrics["per_class"])
         write_predictions(PREDICTIONS_CSV, test, probs, classes)
         write_json(PROMOTION_JSON, decision.to_json())
     log.info("test %s %.4f; version %s %s @champion: %s", cfg.promote_metric, decision.new_score,
@@ -99,17 +119,17 @@ def _log_run(metrics: dict, test: Split, probs: torch.Tensor, classes: list[str]
     """Test metrics on the run and on its logged model (mlflow.search_logged_models ranks models by
     them), the confusion matrix and the error-analysis figure."""
     scalars = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    # per class in sections of their own (the UI folds a metric key's prefix before "/"), by name
     for cls, values in metrics["per_class"].items():
         for name in ("precision", "recall", "f1"):
-            scalars[f"test_{name}_{_metric_key(cls)}"] = values[name]
+            scalars[f"per_class_{name}/{_metric_key(cls)}"] = values[name]
     tracking.log_metrics(scalars, model_id=model_id, dataset=test_set)
     cm = np.array(metrics["confusion_matrix"])
-    fig = plots.confusion_matrix(cm, classes)
-    tracking.log_figure(fig, "confusion_matrix.png")
-    plots.close(fig)
-    fig = error_figure(test, probs, classes)
-    tracking.log_figure(fig, "most_confident_predictions.png")
-    plots.close(fig)
+    for path, fig in ((CONFUSION_PNG, plots.confusion_matrix(cm, classes)),
+                      (PREDICTIONS_PNG, error_figure(test, probs, classes))):
+        plots.save(fig, path)
+        plots.close(fig)
+        tracking.log_artifact(path)
     tracking.log_text(
         "\n".join([",".join(["actual\\predicted", *classes])]
                   + [",".join([c, *map(str, row)]) for c, row in zip(classes, cm.tolist())]) + "\n",

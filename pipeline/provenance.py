@@ -45,6 +45,29 @@ def git_tags() -> dict[str, str]:
     return {k: v for k, v in tags.items() if v}
 
 
+def changed_params(flat: dict) -> dict:
+    """The params in `flat` ({"section.key": value}) that differ from the last commit's params.yaml:
+    what this run tries. {} outside a git checkout or when nothing changed."""
+    text = _git("show", "HEAD:params.yaml")
+    try:
+        committed = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(committed, dict):
+        return {}
+    before = {f"{s}.{k}": v for s, values in committed.items() if isinstance(values, dict) for k, v in values.items()}
+    return {k: v for k, v in flat.items() if k in before and not _same(before[k], v)}
+
+
+def _same(committed, value) -> bool:
+    if isinstance(value, float) and isinstance(committed, (int, float, str)) and not isinstance(committed, bool):
+        try:
+            return float(committed) == value  # YAML 1.1 reads `3e-4` as text
+        except ValueError:
+            return False
+    return (list(committed) if isinstance(committed, (list, tuple)) else committed) == value
+
+
 def dvc_exp_tags() -> dict[str, str]:
     """Inside `dvc exp run`: the experiment's name and baseline revision. Runs of one sweep share the
     baseline, and PIPELINE_SWEEP (set by `make sweep`) names the sweep itself."""

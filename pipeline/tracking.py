@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 # MLflow's usage telemetry: off unless the user turns it on (offline machines stall on it).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# System metrics (CPU, memory, GPU) every 2 s, not MLflow's 10: a digits training takes 20 s.
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "2")
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's "model training" kind
 
 # Seconds spent inside MLflow calls in this process, for the benchmark's "MLflow share": "logging"
 # (params, metrics, artifacts, the model) and "setup" (import, store start-up, run start and end).
@@ -91,6 +94,12 @@ def redacted_uri() -> str:
     return redact(tracking_uri())
 
 
+def runs_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's runs list of the experiment, opened as a model-training workspace (MLflow 3's UI
+    opens its GenAI overview otherwise)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 PROCESS_TAG = "pipeline.process"  # host/pid:start of the stage that holds the run open
 
 _experiment = {"id": None, "name": None}  # set by configure: the experiment the stage's runs go to
@@ -111,8 +120,12 @@ def configure(experiment: str) -> str:
             # Created here for every store, not by set_experiment: when two stages start at once
             # against a server without the experiment, set_experiment returns from a lost creation
             # race without making it active, and the stage's run would go to the Default experiment.
-            if mlflow.get_experiment_by_name(experiment) is None:
+            found = mlflow.get_experiment_by_name(experiment)
+            if found is None:
                 _create_experiment(experiment, local=uri.startswith("sqlite:"))
+            elif any(found.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):  # made before the kind
+                for key, value in EXPERIMENT_KIND.items():
+                    mlflow.MlflowClient().set_experiment_tag(found.experiment_id, key, value)
             mlflow.MlflowClient().search_registered_models(max_results=1)  # the registry's tables too
         _experiment.update(id=mlflow.set_experiment(experiment).experiment_id, name=experiment)
     except Exception as e:  # MLflow raises its own and requests' errors; all mean the same here
@@ -148,7 +161,8 @@ def _create_experiment(name: str, local: bool) -> None:
     import mlflow
 
     try:
-        mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri() if local else None)
+        mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri() if local else None,
+                                 tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:
         if mlflow.get_experiment_by_name(name) is None:  # not a lost race with a concurrent run
             raise
@@ -165,10 +179,12 @@ def _check_server(uri: str) -> None:
 
 
 @contextlib.contextmanager
-def run(run_id: str | None = None, run_name: str | None = None, tags: dict | None = None):
+def run(run_id: str | None = None, run_name: str | None = None, tags: dict | None = None,
+        system_metrics: bool = False):
     """A started (or reopened) run that always ends: FINISHED, KILLED on Ctrl-C/SIGTERM, FAILED on
-    any other exception, never left RUNNING (except by kill -9, which a resumed train picks up)."""
-    active = start_run(run_id, run_name)
+    any other exception, never left RUNNING (except by kill -9, which a later stage ends KILLED).
+    `system_metrics`: CPU, memory and GPU use sampled while it runs (MLflow's System metrics tab)."""
+    active = start_run(run_id, run_name, system_metrics)
     try:
         if tags:
             set_tags(tags)
@@ -215,13 +231,13 @@ def _first_line(e: BaseException, limit: int = 240) -> str:
 
 
 @mlflow_call("setup")
-def start_run(run_id: str | None, run_name: str | None = None):
+def start_run(run_id: str | None, run_name: str | None = None, system_metrics: bool = False):
     """Start a new run, or reopen `run_id` (a resumed train, or evaluate completing train's run)."""
     import mlflow
 
     if run_id is None:
         _leave_foreign_env_run()
-    return mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+    return mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=system_metrics)
 
 
 def _leave_foreign_env_run() -> None:
@@ -406,16 +422,6 @@ def log_text(text: str, name: str) -> None:
     import mlflow
 
     mlflow.log_text(text, name)
-
-
-def log_figure(fig, name: str) -> None:
-    """Render `fig` to PNG (matplotlib's time, not MLflow's) and log it as artifact `name`."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        fig.savefig(path)
-        log_artifact(path)
 
 
 @mlflow_call("logging")

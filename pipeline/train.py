@@ -13,11 +13,13 @@ import csv
 import io
 import logging
 import math
+import os
 import random
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from pipeline.engine import Learner, TrainData, TrainState, fit, load_train_data
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, remove, write_json
 from pipeline.models import Classifier, ModelConfig, apply_finetune, build_from_config
-from pipeline.paths import HISTORY_CSV, MODEL_PATH, PREPARED_DIR, TRAIN_JSON
+from pipeline.paths import HISTORY_CSV, LOSS_PNG, MODEL_PATH, PREPARED_DIR, TRAIN_JSON, TRAIN_METRICS
 from pipeline.runtime import Runtime, prepare_model, resolve_runtime
 from pipeline.transforms import Norm
 from pipeline.urls import redact
@@ -42,6 +44,16 @@ log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
                   "images_per_second"]
+# An epoch's numbers in MLflow, by section: the UI folds a key's prefix before "/" into a section and
+# orders sections by name, so the curves (accuracy, loss) come first on a run's page.
+EPOCH_KEYS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train",
+              "val_acc": "accuracy/val", "lr": "optimizer/lr", "epoch_seconds": "speed/epoch_seconds",
+              "images_per_second": "speed/images_per_second"}
+
+
+def epoch_metrics(row: dict) -> dict[str, float]:
+    """A train_history row as MLflow metrics (EPOCH_KEYS)."""
+    return {EPOCH_KEYS[k]: v for k, v in row.items() if k in EPOCH_KEYS}
 
 
 @dataclass
@@ -92,11 +104,13 @@ def _history_csv(history: list[dict]) -> str:
 
 def write_outputs(config: ModelConfig, state: TrainState, summary: dict) -> None:
     """models/model.pt (best weights + the config that rebuilds model and transforms, loadable with
-    weights_only=True), reports/train.json and reports/train_history.csv, each renamed into place."""
+    weights_only=True), reports/train.json, train_metrics.json and train_history.csv, each renamed
+    into place (the loss curves were saved with the run's figures)."""
     with atomic_path(HISTORY_CSV) as tmp:
         tmp.write_text(_history_csv(state.history))
     with atomic_path(MODEL_PATH) as tmp:
         torch.save({"state_dict": state.best_state, "config": config.to_dict()}, tmp)
+    write_json(TRAIN_METRICS, {k: summary[k] for k in ("best_epoch", "best_val_acc", "best_val_loss", "stopped_epoch")})
     write_json(TRAIN_JSON, summary)
 
 
@@ -145,7 +159,7 @@ def _train(params: Params) -> None:
         def on_epoch(s: TrainState) -> None:
             if main_rank:  # checkpoint first: a kill between the two leaves an epoch to re-log on resume
                 save_checkpoint(ckpt_path, fp, s, learner)
-                tracking.log_metrics({k: v for k, v in s.history[-1].items() if k != "epoch"}, step=s.epoch)
+                tracking.log_metrics(epoch_metrics(s.history[-1]), step=s.epoch)
 
         norm = Norm(network.config.mean, network.config.std)
         state, reason = fit(cfg, learner, data, norm, state, on_epoch)
@@ -172,7 +186,7 @@ def _run(params: Params, state: TrainState, network: Network, data: TrainData):
         tags["train.weights_resolved"] = network.weights_source
     resumed = state.run_id is not None
     tracking.end_orphaned_runs(keep={state.run_id} if resumed else set())
-    with tracking.run(state.run_id, run_name=f"{params.train.model}-{redact(params.data.source)}", tags=tags) as run:
+    with tracking.run(state.run_id, run_name=run_name(params), tags=tags, system_metrics=True) as run:
         state.run_id = run.info.run_id
         tracking.claim_run()
         tracking.warm_up()
@@ -182,6 +196,30 @@ def _run(params: Params, state: TrainState, network: Network, data: TrainData):
         else:
             _log_start(params, network.net, data)
         yield run
+
+
+def run_name(params: Params) -> str:
+    """What tells this run apart in the runs list: the model, the data, and the params it changed
+    from the last commit (else the commit), after the DVC experiment's name when there is one."""
+    changed = provenance.changed_params(params.flat("base", "data", "prepare", "train"))
+    what = " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in changed.items() if k != "data.source")
+    if not what:
+        commit = provenance.git_tags().get("git.commit", "none")
+        what = f"@{commit[:7]}" if commit != "none" else ""
+    exp = os.environ.get("DVC_EXP_NAME")
+    parts = [exp + ":" if exp else "", params.train.model, data_name(params.data.source), what]
+    return " ".join(p for p in parts if p)[:200]
+
+
+def data_name(source: str) -> str:
+    """A short name for data.source: digits, MNIST, pizza_steak_sushi, my_images."""
+    if ":" in source and not source.startswith(("http://", "https://")):
+        return source.split(":", 1)[1]
+    path = urllib.parse.urlsplit(source).path if source.startswith(("http://", "https://")) else source
+    name = PurePosixPath(path.rstrip("/")).name
+    for suffix in (".tar.gz", ".tgz", ".zip", ".tar"):
+        name = name.removesuffix(suffix)
+    return name or redact(source)
 
 
 def _log_start(params: Params, net: nn.Module, data: TrainData) -> None:
@@ -195,10 +233,10 @@ def _log_start(params: Params, net: nn.Module, data: TrainData) -> None:
 
 def _log_missing_epochs(state: TrainState) -> None:
     """Re-log epochs a kill cut off between the checkpoint and its MLflow call, and only those."""
-    logged = tracking.logged_steps(state.run_id, "val_loss")
+    logged = tracking.logged_steps(state.run_id, EPOCH_KEYS["val_loss"])
     for row in state.history:
         if row["epoch"] not in logged:
-            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            tracking.log_metrics(epoch_metrics(row), step=row["epoch"])
 
 
 def _finish(net: nn.Module, config: ModelConfig, state: TrainState, reason: str) -> dict:
@@ -213,8 +251,9 @@ def _finish(net: nn.Module, config: ModelConfig, state: TrainState, reason: str)
     tracking.set_tags({"stop_reason": reason, "best_epoch": best["epoch"]})
     tracking.log_text(_history_csv(state.history), "train_history.csv")
     fig = plots.loss_curves(state.history)
-    tracking.log_figure(fig, "loss_curves.png")
+    plots.save(fig, LOSS_PNG)
     plots.close(fig)
+    tracking.log_artifact(LOSS_PNG)
     served = Classifier(_cpu_copy(net, config), config)
     example = np.random.default_rng(0).random((2, config.channels, config.image_size, config.image_size),
                                               dtype=np.float32)

@@ -11,7 +11,8 @@ import pytest
 from helpers.http import LoopbackServer
 from helpers.images import image_tree, make_images
 from helpers.archives import files_of
-from helpers.project import (EVAL_FAST, REPO_FAST, TRAIN_FAST, Project, Repo, copy_prepared, prepared_project)
+from helpers.project import (EVAL_FAST, FAULT_FAST, REPO_FAST, TRAIN_FAST, Project, Repo, copy_prepared, prepared_project,
+                             ran_stages)
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +116,7 @@ def train_reference(train_data, tmp_path_factory, mlflow_template) -> Project:
     """One uninterrupted train run on train_data with TRAIN_FAST: what reproduced and resumed runs
     must equal, and whose MLflow run the tracking tests read."""
     project = copy_prepared(train_data, tmp_path_factory.mktemp("train-reference"), mlflow_template)
-    project.run("train")
+    project.run("train", env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"})  # a few samples in seconds
     return project
 
 
@@ -126,3 +127,21 @@ def train_reference(train_data, tmp_path_factory, mlflow_template) -> Project:
 def repo(tmp_path, mlflow_template) -> Repo:
     """A temp git + DVC repo (REPO_FAST params, a generated image folder as the source)."""
     return Repo.create(tmp_path / "repo", mlflow_template, **REPO_FAST)
+
+
+@pytest.fixture(scope="session")
+def pristine_repo(tmp_path_factory, mlflow_template) -> Repo:
+    """This checkout as a git + DVC repo with FAULT_FAST params, never reproduced."""
+    return Repo.create(tmp_path_factory.mktemp("pristine") / "repo", mlflow_template, **FAULT_FAST)
+
+
+@pytest.fixture(scope="session")
+def baseline_repo(pristine_repo, tmp_path_factory) -> Repo:
+    """pristine_repo after one uninterrupted `dvc repro` and `promote` (`make repro`), committed: the
+    reference result, and model version 1 @champion."""
+    repo = pristine_repo.clone(tmp_path_factory.mktemp("baseline") / "repo")
+    proc = repo.dvc("repro")
+    assert ran_stages(proc.stdout) == {"fetch_data", "prepare", "train", "evaluate"}, proc.stdout
+    repo.run("promote")
+    repo.commit("baseline repro")
+    return repo

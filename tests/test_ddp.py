@@ -15,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from helpers.project import REPO, Project
-from helpers.training import EPOCH_METRICS, wait_for_checkpoint
+from helpers.training import EPOCH_KEYS, EPOCH_METRICS, wait_for_checkpoint
 
 FAST = dict(prepare__image_size=12, train__hidden_units=12, train__epochs=6, train__patience=10,
             train__batch_size=32)
@@ -55,7 +55,7 @@ def test_two_processes_log_one_run_with_global_metrics(ddp_reference, tmp_path, 
     client, run = the_run(project)  # one run, from rank 0
     assert run.info.run_id == two["summary"]["run_id"] and run.info.status == "FINISHED"
     assert run.data.tags["train.processes"] == "2" and run.data.params["train.nproc"] == "2"
-    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 6
+    assert len(client.get_metric_history(run.info.run_id, EPOCH_KEYS["val_loss"])) == 6
     assert not list(project.path(".checkpoints").glob("*.pt"))
 
     # Accuracy comparable to one process on the same data and params.
@@ -95,7 +95,7 @@ def test_killed_ddp_run_resumes_to_the_same_result(ddp_reference, tmp_path, mlfl
     client, run = the_run(project)
     assert run.info.run_id == left["run_id"] and run.info.status == "FINISHED"
     for key in EPOCH_METRICS:  # each epoch logged once, the ones before the kill included
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, 7)), key
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, EPOCH_KEYS[key])) == list(range(1, 7)), key
     mine = results(project)
     pd.testing.assert_frame_equal(mine["history"].drop(columns=["epoch_seconds", "images_per_second"]),
                                   ref["history"].drop(columns=["epoch_seconds", "images_per_second"]))

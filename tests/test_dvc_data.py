@@ -4,6 +4,7 @@ cache, a second repro has nothing to do, and a change under data/sources/ re-run
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -70,3 +71,24 @@ def test_a_change_under_data_sources_reruns_fetch_data(dvc_repo):
     report = json.loads((dvc_repo.root / "reports" / "data.json").read_text())
     assert sum(c["circle"] for c in report["counts"].values()) == 9
     assert "Data and pipelines are up to date" in dvc(dvc_repo, "status", "prepare")
+
+
+def test_an_experiment_rewrites_only_the_values_it_sets(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml: the committed file is already in the style DVC writes, so
+    only the set value's line changes, and going back is `git checkout params.yaml`."""
+    from helpers.project import committed, sh
+
+    root = tmp_path / "exp"
+    root.mkdir()
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e",
+           "DVC_NO_ANALYTICS": "1"}
+    (root / "params.yaml").write_text(committed("params.yaml"))
+    (root / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo ran > out.txt\n    params: [train.lr, train.augment]\n"
+                                   "    outs: [out.txt]\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "i"],
+                ["dvc", "exp", "run", "-q", "-S", "train.lr=0.01"]):
+        sh(cmd, root, env)
+    diff = [line for line in sh(["git", "diff", "-U0", "params.yaml"], root, env).stdout.splitlines()
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert [line.split("#")[0].strip() for line in diff] == ["-  lr: 0.003", "+  lr: 0.01"], diff

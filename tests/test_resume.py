@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from helpers.project import TRAIN_FAST, copy_prepared
-from helpers.training import (EPOCH_METRICS, LEARNED, assert_same_tensors, history, model_pt, summary,
+from helpers.training import (EPOCH_KEYS, EPOCH_METRICS, LEARNED, assert_same_tensors, history, model_pt, summary,
                               wait_for_checkpoint)
 from pipeline.checkpoint import read_checkpoint
 
@@ -27,7 +27,7 @@ def test_killed_run_resumes_in_the_same_mlflow_run_to_the_same_result(train_data
     assert not p.path("models/model.pt").exists()
     # the checkpoint is written before an epoch's metrics are logged: none beyond it (epoch k's may
     # be missing when the kill fell between the two; the resumed run logs it then, and only it)
-    logged = sorted(m.step for m in p.client().get_metric_history(run.info.run_id, "val_loss"))
+    logged = sorted(m.step for m in p.client().get_metric_history(run.info.run_id, EPOCH_KEYS["val_loss"]))
     assert logged in (list(range(1, k + 1)), list(range(1, k)))
     print(f"killed after epoch {k}'s checkpoint; val_loss logged for epochs {logged}")
 
@@ -42,7 +42,7 @@ def test_killed_run_resumes_in_the_same_mlflow_run_to_the_same_result(train_data
     assert run.info.status == "FINISHED"
     c = p.client()
     for key in EPOCH_METRICS:
-        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, key)) == list(range(1, epochs + 1)), key
+        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, EPOCH_KEYS[key])) == list(range(1, epochs + 1)), key
 
     # the same weights and curves as the uninterrupted run with the same params and data
     assert [[h[key] for key in LEARNED] for h in history(p)] == \

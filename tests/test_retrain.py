@@ -55,7 +55,7 @@ def test_make_retrain_writes_summary(repo):
     assert "### Metrics" in text and "### Params" in text and "### Promotion" in text
     assert "train.lr" in text and "0.003" in text and "0.01" in text  # params diff: old and new
     # The metrics diff against HEAD lists what moved: at least the new train run's numbers.
-    assert "| reports/train.json" in text and "best_val_loss" in text
+    assert "| reports/train_metrics.json" in text and "best_val_loss" in text
     promotion = json.loads((root / "reports/promotion.json").read_text())
     assert f"Model version {promotion['new_version']}" in text
 
@@ -74,6 +74,7 @@ def test_experiments_and_queued_sweep_are_mlflow_runs(repo):
     assert "Running stage 'train'" in one.stdout
     runs = [r for r in repo.runs() if r.data.tags.get("dvc.exp_name") == "lr-high"]
     assert len(runs) == 1 and runs[0].data.params["train.lr"] == "0.01"
+    assert runs[0].info.run_name == "lr-high: tinyvgg images lr=0.01"  # the experiment, model, data, what differs
     assert runs[0].data.tags["dvc.exp_baseline_rev"]
     assert runs[0].info.status == "FINISHED" and "test_accuracy" in runs[0].data.metrics
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from helpers.images import make_images, noise_images
 from helpers.project import REPO, TRAIN_FAST, copy_prepared, inside_project, prepared_project
-from helpers.training import (EPOCH_METRICS, LEARNED, assert_same_tensors, history, model_pt, rebuild, summary,
+from helpers.training import (EPOCH_KEYS, EPOCH_METRICS, LEARNED, assert_same_tensors, history, model_pt, rebuild, summary,
                               wait_for_checkpoint)
 from pipeline.dataset import load_split
 from pipeline.engine import EarlyStopper, Learner, evaluate, train_one_epoch
@@ -289,7 +289,7 @@ def test_run_writes_outputs_and_records_everything_in_mlflow(train_reference):
     assert params["model.trainable_params"] == str(total)  # finetune: full
 
     for key in EPOCH_METRICS:
-        logged = c.get_metric_history(run.info.run_id, key)
+        logged = c.get_metric_history(run.info.run_id, EPOCH_KEYS[key])
         assert sorted(m.step for m in logged) == list(range(1, epochs + 1)), key  # one value per epoch
         by_step = {m.step: m.value for m in logged}
         if key in LEARNED:
@@ -305,6 +305,14 @@ def test_run_writes_outputs_and_records_everything_in_mlflow(train_reference):
 
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"loss_curves.png", "train_history.csv"} <= artifacts
+    assert p.path("reports/figures/loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # dvc plots show's
+    headline = json.loads(p.path("reports/train_metrics.json").read_text())
+    assert headline == {k: s[k] for k in ("best_epoch", "best_val_acc", "best_val_loss", "stopped_epoch")}
+    assert run.info.run_name == "tinyvgg src"  # model and data (outside git: no changed params, no commit)
+    # the experiment opens as model training in the UI; the run has a System metrics tab
+    assert c.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system and "system/system_memory_usage_megabytes" in system
     local = Path(c.download_artifacts(run.info.run_id, "train_history.csv", str(p.root.parent / "dl")))
     assert local.read_text() == p.path("reports/train_history.csv").read_text()
     assert Path(c.download_artifacts(run.info.run_id, "loss_curves.png", str(p.root.parent / "dl"))) \

@@ -18,7 +18,7 @@ from helpers.files import leftovers, snapshot
 from helpers.images import make_images
 from helpers.processes import poll
 from helpers.project import ran_stages
-from helpers.training import EPOCH_METRICS, model_pt, read_checkpoint, wait_for_checkpoint
+from helpers.training import EPOCH_KEYS, EPOCH_METRICS, model_pt, read_checkpoint, wait_for_checkpoint
 
 AREA = "Interruptions"
 
@@ -65,7 +65,7 @@ def test_kill_9_during_train_then_dvc_repro_resumes_to_the_same_result(pristine_
     (run,) = repo.runs()
     assert run.info.run_id == left["run_id"] and run.info.status == "FINISHED"
     for key in EPOCH_METRICS:
-        assert repo.epoch_steps(run.info.run_id, key) == list(range(1, epochs + 1)), key
+        assert repo.epoch_steps(run.info.run_id, EPOCH_KEYS[key]) == list(range(1, epochs + 1)), key
     assert not repo.checkpoint().exists()
     fault_log.record(
         AREA, f"`kill -9` of the process group of `dvc repro` (dvc and `python -m pipeline.train`) once the "

@@ -16,7 +16,7 @@ import pytest
 
 from helpers.checks import error_line, lines_with
 from helpers.mlflow_server import Server, free_port
-from helpers.training import EPOCH_METRICS, read_checkpoint, wait_for_checkpoint
+from helpers.training import EPOCH_KEYS, EPOCH_METRICS, read_checkpoint, wait_for_checkpoint
 from pipeline.tracking import SQLITE_BUSY_TIMEOUT_S
 
 AREA = "Tracking faults"
@@ -45,7 +45,7 @@ def run_metrics_once(client, run_id: str, epochs: int) -> None:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     for key in EPOCH_METRICS:
-        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        steps = sorted(m.step for m in client.get_metric_history(run_id, EPOCH_KEYS[key]))
         assert steps == list(range(1, epochs + 1)), (key, steps)
 
 

@@ -195,7 +195,7 @@ class Project:
                               (name,)).fetchone()
         return str(row[0]) if row else None
 
-    def epoch_steps(self, run_id: str, key: str = "val_loss") -> list[int]:
+    def epoch_steps(self, run_id: str, key: str = "loss/val") -> list[int]:
         return sorted(m.step for m in self.client().get_metric_history(run_id, key))
 
 

@@ -11,7 +11,9 @@ from torch import nn
 
 from helpers.processes import Background, poll
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second")
+from pipeline.train import EPOCH_KEYS  # noqa: E402  the history columns -> their keys in MLflow
+
+EPOCH_METRICS = tuple(EPOCH_KEYS)  # the history columns, logged once per epoch
 LEARNED = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # history columns that must reproduce
 
 
