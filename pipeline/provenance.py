@@ -10,8 +10,6 @@ from pathlib import Path
 
 import yaml
 
-# Files that DVC writes when it runs the pipeline: a change to them alone is not a change of the code.
-DVC_MANAGED = ("dvc.lock",)
 
 
 def _git(*args: str) -> str:
@@ -33,9 +31,21 @@ def pull_request() -> str:
     return match.group(1) if match else ""
 
 
+def dvc_managed(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """What DVC writes when it runs the pipeline: dvc.lock and every stage's outputs (a change to them
+    is a result, not a change of the code)."""
+    try:
+        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        stages = {}
+    outs = [next(iter(o)) if isinstance(o, dict) else o for st in stages.values()
+            for kind in ("outs", "metrics", "plots") for o in st.get(kind, [])]
+    return ["dvc.lock", *outs]
+
+
 def code_dirty() -> bool:
     """Uncommitted changes to the code, params or data pointers (not to what DVC writes)."""
-    excluded = [f":(exclude){path}" for path in DVC_MANAGED]
+    excluded = [f":(exclude){path}" for path in dvc_managed()]
     return bool(_git("status", "--porcelain", "--", ".", *excluded))
 
 

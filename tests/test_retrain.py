@@ -155,3 +155,10 @@ def test_a_pull_request_registers_its_model_and_main_promotes_it_without_trainin
     outcome = json.loads((main / "reports/champion.json").read_text())
     assert outcome["promoted"] is True and outcome["version"] == decision["new_version"]
     assert "**promoted to @champion**" in (main / "reports/retrain_summary.md").read_text()
+
+
+def test_a_run_of_a_clean_checkout_is_not_dirty(baseline_repo):
+    """`dvc repro` rewrites dvc.lock while it runs the stages: that is not a change of the code."""
+    (run,) = baseline_repo.runs()
+    assert run.data.tags["git.dirty"] == "false" and run.data.tags["git.branch"] == "main"
+    assert run.data.tags["git.commit"] == baseline_repo.git("rev-parse", "HEAD~1").stdout.strip()
