@@ -32,11 +32,11 @@ CHECKPOINT_NAME = "train.pt"
 MAGIC = b"pipeline-checkpoint sha256="  # the first line; the torch.save payload follows
 
 
-def fingerprint(params: Params, meta: DatasetMeta, rt: Runtime, store: str) -> str:
-    """What a checkpoint must match to be resumed: seed, train params, data, device type and the
-    tracking store its MLflow run lives in."""
+def fingerprint(params: Params, meta: DatasetMeta, rt: Runtime, store: str, world: int) -> str:
+    """What a checkpoint must match to be resumed: seed, train params, data, device type, the number
+    of processes (each epoch's shards depend on it) and the tracking store its MLflow run lives in."""
     key = {"params": params.flat("base", "train"), "data": meta.to_json()["splits"], "device": rt.device.type,
-           "store": store}
+           "store": store, "world": world}
     key["params"].pop("train.checkpoint_dir")
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

@@ -1,12 +1,15 @@
 """Multi-process training: `train.nproc > 1` re-runs the train stage under torchrun with
-DistributedDataParallel (gloo on the CPU, nccl on CUDA). Rank 0 alone talks to MLflow and writes
-checkpoints and outputs; every rank takes its shard of each epoch's shuffled order.
+DistributedDataParallel (gloo on the CPU, nccl on CUDA), on this machine or, with PIPELINE_NNODES,
+on several, which meet at PIPELINE_RDZV_ENDPOINT (torchrun's c10d rendezvous). Rank 0 alone talks to
+MLflow and writes checkpoints and outputs; every rank takes its shard of each epoch's shuffled order.
+A stage started by torchrun itself (a cluster scheduler's command) runs as it is.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from dataclasses import dataclass
 import signal
 import subprocess
 import sys
@@ -15,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from pipeline.errors import PipelineError
 
 
 def rank() -> int:
@@ -35,9 +40,40 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def relaunch(nproc: int, module: str, argv: list[str]) -> int:
-    """Run `python -m module argv...` as `nproc` torchrun workers on this machine; their exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+NODES_ENV, ENDPOINT_ENV, JOB_ENV = "PIPELINE_NNODES", "PIPELINE_RDZV_ENDPOINT", "PIPELINE_RDZV_ID"
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """The machines a training job spans, from the environment (they are where it runs, not what it
+    computes: the run records them, the params do not)."""
+
+    count: int  # PIPELINE_NNODES, default 1
+    endpoint: str | None  # PIPELINE_RDZV_ENDPOINT, host:port of the rendezvous (one of the nodes)
+    job: str  # PIPELINE_RDZV_ID: the nodes of one job share it
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Nodes":
+        text = env.get(NODES_ENV, "1")
+        if not text.isdigit() or int(text) < 1:
+            raise PipelineError(f"{NODES_ENV}={text!r}: expected a number of nodes >= 1")
+        count, endpoint = int(text), env.get(ENDPOINT_ENV) or None
+        if count > 1 and not endpoint:
+            raise PipelineError(f"{NODES_ENV}={count} needs {ENDPOINT_ENV}=host:port, the rendezvous every node "
+                                "reaches (one of them)")
+        return cls(count, endpoint, env.get(JOB_ENV, "pipeline-train"))
+
+    def torchrun_args(self) -> list[str]:
+        if self.count == 1:
+            return ["--standalone"]
+        return ["--nnodes", str(self.count), "--rdzv-backend", "c10d", "--rdzv-endpoint", self.endpoint,
+                "--rdzv-id", self.job]
+
+
+def relaunch(nproc: int, nodes: Nodes, module: str, argv: list[str]) -> int:
+    """Run `python -m module argv...` as `nproc` torchrun workers on this machine, of a job over
+    `nodes`; their exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *nodes.torchrun_args(), f"--nproc_per_node={nproc}",
            "-m", module, *argv]
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
     try:

@@ -56,8 +56,7 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
     else:
         dev = torch.device("cpu")
         keep_freed_memory()
-        # the cores, shared among the processes of a DDP run on this machine
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        torch.set_num_threads(cpu_threads())
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -68,6 +67,19 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     # channels_last pays on both: tensor cores on CUDA, oneDNN's blocked convolutions on the CPU.
     return Runtime(device=dev, amp_dtype=amp, channels_last=True)
+
+
+THREADS_ENV = "PIPELINE_THREADS"
+
+
+def cpu_threads() -> int:
+    """PIPELINE_THREADS, else the cores shared among this machine's processes of a DDP run."""
+    wanted = os.environ.get(THREADS_ENV, "")
+    if wanted:
+        if not wanted.isdigit() or int(wanted) < 1:
+            raise PipelineError(f"{THREADS_ENV}={wanted!r}: expected a number of threads >= 1")
+        return int(wanted)
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def keep_freed_memory() -> None:

@@ -118,10 +118,12 @@ def main(params: Params) -> None:
     cfg = params.train
     if distributed.is_main():
         tracking.configure(params.mlflow.experiment)  # an unreachable server fails here, before any work
-    if cfg.nproc > 1 and not distributed.launched():
-        code = distributed.relaunch(cfg.nproc, "pipeline.train", sys.argv[1:])
+    nodes = distributed.Nodes.from_env()
+    if (cfg.nproc > 1 or nodes.count > 1) and not distributed.launched():
+        code = distributed.relaunch(cfg.nproc, nodes, "pipeline.train", sys.argv[1:])
         if code != 0:
-            raise PipelineError(f"train under torchrun --nproc_per_node={cfg.nproc} exited {code}")
+            raise PipelineError(f"train under torchrun ({nodes.count} node(s) x --nproc_per_node={cfg.nproc}) "
+                                f"exited {code}")
         return
     if distributed.launched():
         distributed.die_with_parent()
@@ -147,7 +149,7 @@ def _train(params: Params) -> None:
     network = build(cfg, data.meta)
     learner = make_learner(cfg, network, data, rt, seed)
 
-    fp = fingerprint(params, data.meta, rt, tracking.tracking_uri())
+    fp = fingerprint(params, data.meta, rt, tracking.tracking_uri(), distributed.world_size())
     ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME
     ckpt = load_checkpoint(ckpt_path, fp, set_aside=main_rank, on_abandoned=tracking.end_abandoned_run,
                            run_exists=(lambda run_id: tracking.run_status(run_id) is not None) if main_rank else None)
@@ -181,7 +183,7 @@ def _run(params: Params, state: TrainState, network: Network, data: TrainData):
     """The stage's MLflow run: a new one, or on resume the checkpoint's, with its epochs complete."""
     tags = {**provenance.git_tags(), **provenance.dvc_exp_tags(), "data.source": redact(params.data.source),
             "dvc.prepared_md5": provenance.dvc_out_hash(str(PREPARED_DIR)), "stage": "train",
-            "train.processes": distributed.world_size()}
+            "train.processes": distributed.world_size(), "train.nodes": distributed.Nodes.from_env().count}
     if network.weights_source:
         tags["train.weights_resolved"] = network.weights_source
     resumed = state.run_id is not None

@@ -149,3 +149,39 @@ def test_cpu_sync_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
     for r in (r0, r1):
         torch.testing.assert_close(r["running_mean"], bn.running_mean, **close)
         torch.testing.assert_close(r["running_var"], bn.running_var, **close)
+
+
+def test_two_nodes_one_job_resume_after_a_node_is_killed(ddp_reference, tmp_path, mlflow_template):
+    """2 nodes x 1 process (PIPELINE_NNODES=2, torchrun's c10d rendezvous on loopback), sharing one
+    workspace as nodes share storage: one MLflow run for the job, logged by rank 0. kill -9 of one
+    node after a checkpoint fails the other; both started again resume the job in the same run, to
+    the 2-process run's result."""
+    from helpers.mlflow_server import free_port
+
+    _, _, ref = ddp_reference
+    project = new_project(tmp_path / "nodes", mlflow_template, nproc=1)
+    env = {"PIPELINE_NNODES": "2", "PIPELINE_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "PIPELINE_RDZV_ID": "t",
+           "PIPELINE_THREADS": "1"}  # as each of the reference's 2 processes on these 2 cores
+    first = [project.start_stage("train", env=env) for _ in range(2)]
+    left = wait_for_checkpoint(project, first[0], epoch=2)
+    first[1].signal_group(signal.SIGKILL)  # one node: its stage and torchrun; its worker dies with them
+    for bg in first:
+        bg.proc.wait(timeout=120)
+    assert first[0].returncode != 0 and "torchrun (2 node(s)" in first[0].output(), first[0].output()[-2000:]
+    deadline = time.monotonic() + 60
+    while the_run(project)[1].info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    again = [project.start_stage("train", env=env) for _ in range(2)]
+    for bg in again:
+        assert bg.wait(timeout=600) == 0, bg.output()[-3000:]
+    out = "".join(bg.output() for bg in again)
+    assert out.count(f"resuming MLflow run {left['run_id']}") == 1, out[-3000:]  # rank 0 resumes, once
+    client, run = the_run(project)  # one run for the whole job
+    assert run.info.run_id == left["run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags["train.nodes"] == "2" and run.data.tags["train.processes"] == "2"
+    for key in EPOCH_METRICS:
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, EPOCH_KEYS[key])) == list(range(1, 7))
+    mine = results(project)
+    pd.testing.assert_frame_equal(mine["history"].drop(columns=["epoch_seconds", "images_per_second"]),
+                                  ref["history"].drop(columns=["epoch_seconds", "images_per_second"]))
