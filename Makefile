@@ -55,8 +55,11 @@ bench: install-dev
 bench-scale: install-dev
 	$(PY) -m tools.bench --scale 120000
 
+# Two processes: most tests wait on a stage's subprocess, which leaves a core idle. A module's tests stay
+# together (its fixtures are built once). `make test TEST_ARGS=` runs them in one process.
+TEST_ARGS ?= -n 2 --dist loadscope
 test: install-dev
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(TEST_ARGS) tests
 
 # PNGs of the MLflow UI and `dvc plots show` after `make repro`, in reports/screenshots/ (needs Chromium)
 screenshots: install-dev

@@ -7,12 +7,31 @@ from __future__ import annotations
 import socket
 
 import pytest
-
+from helpers import fault_report
+from helpers.archives import files_of
 from helpers.http import LoopbackServer
 from helpers.images import image_tree, make_images
-from helpers.archives import files_of
-from helpers.project import (EVAL_FAST, FAULT_FAST, REPO_FAST, TRAIN_FAST, Project, Repo, copy_prepared, prepared_project,
-                             ran_stages)
+from helpers.project import (
+    EVAL_FAST,
+    FAULT_FAST,
+    REPO_FAST,
+    TRAIN_FAST,
+    Project,
+    Repo,
+    copy_prepared,
+    prepared_project,
+    ran_stages,
+)
+
+
+def pytest_sessionstart(session):
+    fault_report.start_session(is_worker=hasattr(session.config, "workerinput"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The fault suite's report (helpers/fault_report.py), merged over pytest-xdist's workers."""
+    worker = getattr(session.config, "workerinput", {}).get("workerid")
+    fault_report.finish_session(worker, session.config._tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ tests/conftest.py.
 from __future__ import annotations
 
 import pytest
-
 from helpers import fault_report
 
 
@@ -24,7 +23,3 @@ def pytest_runtest_makereport(item, call):
     fault_report.record_outcome(item, report)
     return report
 
-
-def pytest_sessionfinish(session, exitstatus):
-    if fault_report.RECORDER.outcomes:
-        fault_report.write_report(temp=session.config._tmp_path_factory.getbasetemp())

@@ -7,9 +7,11 @@ the good news. tests/faults/conftest.py feeds it through pytest's hooks."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from helpers.project import REPO
@@ -91,6 +93,33 @@ def running_runs(folder: Path) -> tuple[int, list[str]]:
     return stores, running
 
 
+PARTS = REPORT.parent / ".faults-parts"  # one file per pytest-xdist worker, merged by the controller
+
+
+def start_session(is_worker: bool) -> None:
+    if not is_worker:
+        shutil.rmtree(PARTS, ignore_errors=True)
+
+
+def finish_session(worker: str | None, temp: Path) -> None:
+    """A worker leaves its records for the controller; the controller (or a session without
+    workers) merges them and writes the report."""
+    if worker is not None:
+        if RECORDER.outcomes:
+            PARTS.mkdir(parents=True, exist_ok=True)
+            (PARTS / f"{worker}.json").write_text(json.dumps(
+                {"rows": [asdict(r) for r in RECORDER.rows],
+                 "outcomes": {k: asdict(v) for k, v in RECORDER.outcomes.items()}}))
+        return
+    for part in sorted(PARTS.glob("*.json")) if PARTS.is_dir() else []:
+        data = json.loads(part.read_text())
+        RECORDER.rows += [Row(**r) for r in data["rows"]]
+        RECORDER.outcomes.update({k: Outcome(**v) for k, v in data["outcomes"].items()})
+    shutil.rmtree(PARTS, ignore_errors=True)
+    if RECORDER.outcomes:
+        write_report(temp=temp)
+
+
 def write_report(path: Path = REPORT, temp: Path | None = None) -> None:
     """The report; with `temp`, the session's temp folder, also the runs its stores hold RUNNING."""
     outcomes = RECORDER.outcomes
@@ -99,7 +128,7 @@ def write_report(path: Path = REPORT, temp: Path | None = None) -> None:
     lines = [
         "# Fault suite: what was tried and what happened",
         "",
-        "Written by `tests/faults/conftest.py` at the end of every pytest session that runs the fault tests",
+        "Written by tests/helpers/fault_report.py at the end of every pytest session that runs the fault tests",
         "(`.venv/bin/python -m pytest -q tests/faults`, and CI's `make test`). Each row is one fault a test",
         "injected and what the pipeline did, taken from the run itself: exit codes, error lines, MLflow run",
         "statuses, file hashes compared before and after. A row's result is its test's outcome.",

@@ -162,6 +162,8 @@ class Project:
         base.mkdir(parents=True, exist_ok=True)
         root = base / "project"
         shutil.copytree(self.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlruns"))
+        if not self.tracking_uri.startswith("sqlite:///"):  # a server: the clone uses it too
+            return type(self)(root, self.tracking_uri, self._env)
         db = self._db()
         new_db = base / "mlflow.db" if db.parent != self.root else root / "mlflow.db"
         if db.parent != self.root:
