@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install install-dev repro promote retrain sweep server test screenshots bench bench-scale clean
+.PHONY: install install-dev repro promote retrain sweep server test screenshots bench bench-scale gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -64,6 +64,10 @@ test: install-dev
 # PNGs of the MLflow UI and `dvc plots show` after `make repro`, in reports/screenshots/ (needs Chromium)
 screenshots: install-dev
 	$(PY) -m tools.screenshots
+
+# On a machine with a CUDA GPU: every CUDA path, in a few minutes -> reports/gpu_check.json (skips without one)
+gpu-check: install-dev
+	$(PY) -m tools.gpu_check
 
 clean:
 	rm -rf data/raw data/raw.json data/prepared models reports/*.json reports/*.csv mlflow.db mlflow.db.lock mlruns .checkpoints

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from helpers.project import REPO, committed
@@ -71,3 +72,12 @@ def test_conv_ceiling_counts_every_convolution_of_the_model():
     assert result["conv_gflop_per_batch"] == round((first + rest) / 1e9, 6)
     assert result["conv_only_images_per_second"] > 0 and result["matmul_gflops_per_second"] > 0
     assert result["dtype"] == "float32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--out", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and "gpu-check skipped: no CUDA device" in proc.stdout, proc.stderr
+    assert json.loads(out.read_text())["gpu"] is None

@@ -162,3 +162,36 @@ def test_a_run_of_a_clean_checkout_is_not_dirty(baseline_repo):
     (run,) = baseline_repo.runs()
     assert run.data.tags["git.dirty"] == "false" and run.data.tags["git.branch"] == "main"
     assert run.data.tags["git.commit"] == baseline_repo.git("rev-parse", "HEAD~1").stdout.strip()
+
+
+def test_a_teammate_pulls_an_experiment_instead_of_training_it_again(repo, tmp_path, mlflow_template):
+    """`dvc exp push` to a shared git and DVC remote from one clone; `dvc exp pull` and `dvc exp apply` in
+    another: the experiment's params, metrics and model arrive, and `dvc repro` has nothing to train."""
+    import shutil
+
+    shutil.copy(mlflow_template, tmp_path / "shared.db")
+    repo.dvc("remote", "add", "-d", "shared", str(tmp_path / "dvc-remote"))
+    repo.commit("a DVC remote")
+    sh(["git", "clone", "-q", "--bare", str(repo.root), str(tmp_path / "origin.git")], tmp_path, repo.env())
+    env = {**repo.env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'shared.db'}"}
+
+    def clone(name: str):
+        path = tmp_path / name
+        sh(["git", "clone", "-q", str(tmp_path / "origin.git"), str(path)], tmp_path, env)
+        shutil.copytree(repo.path("data/sources/images"), path / "data/sources/images", dirs_exist_ok=True)
+        return path, {**env, "PYTHONPATH": str(path)}
+
+    mine, mine_env = clone("mine")
+    ran = sh(["dvc", "exp", "run", "-n", "lr-fast", "-S", "train.lr=0.01"], mine, mine_env)
+    assert "Running stage 'train'" in ran.stdout
+    sh(["dvc", "exp", "push", "origin", "lr-fast"], mine, mine_env)
+    metrics = json.loads((mine / "reports/metrics.json").read_text())
+
+    theirs, their_env = clone("theirs")
+    sh(["dvc", "exp", "pull", "origin", "lr-fast"], theirs, their_env)
+    assert "lr-fast" in sh(["dvc", "exp", "show", "--no-pager", "--csv"], theirs, their_env).stdout
+    sh(["dvc", "exp", "apply", "lr-fast"], theirs, their_env)
+    again = sh(["dvc", "repro"], theirs, their_env)
+    assert ran_stages(again.stdout) == set(), again.stdout  # nothing trained again
+    assert json.loads((theirs / "reports/metrics.json").read_text()) == metrics
+    assert (theirs / "models/model.pt").read_bytes() == (mine / "models/model.pt").read_bytes()
