@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install install-dev repro promote retrain sweep server test screenshots bench bench-scale gpu-check clean
+.PHONY: install install-dev repro promote retrain sweep server demo test screenshots bench bench-scale gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,6 +47,10 @@ sweep: install
 # A tracking server with basic auth (settings from the environment: see pipeline/server.py).
 server: install
 	$(PY) -m pipeline.server
+
+# A web page on a model (default models:/<name>@champion; DEMO_ARGS="--model models/model.pt --port 7860")
+demo: install
+	$(PY) -m pipeline.demo $(DEMO_ARGS)
 
 bench: install-dev
 	$(PY) -m tools.bench

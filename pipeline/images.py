@@ -1,8 +1,10 @@
-"""Decoding one image file into a uint8 (C, H, W) array: used by prepare for the cache and by predict,
-so both see identical pixels. Anything that is not a usable image raises BadImage with a reason."""
+"""Decoding one image (a file, or its bytes as a client sends them) into a uint8 (C, H, W) array: used
+by prepare for the cache, by predict and by the served model, so all see identical pixels. Anything
+that is not a usable image raises BadImage with a reason."""
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -14,11 +16,17 @@ class BadImage(Exception):
     """The file is not a usable image; str(e) is the reason recorded in the quarantine."""
 
 
-def decode(path: str | Path, size: int, channels: int, max_pixels: int) -> np.ndarray:
-    """Decode, EXIF-rotate, convert to L or RGB, and resize to size x size (squashing, like the
-    notebooks' transforms.Resize((size, size))). Returns uint8 of shape (channels, size, size)."""
-    path = Path(path)
-    if path.stat().st_size == 0:
+def decode(source: str | Path | bytes, size: int, channels: int, max_pixels: int) -> np.ndarray:
+    """Decode a file (or an image's bytes), EXIF-rotate, convert to L or RGB, and resize to size x size
+    (squashing, like the notebooks' transforms.Resize((size, size))). Returns uint8 of shape
+    (channels, size, size)."""
+    if isinstance(source, bytes):
+        path, head = io.BytesIO(source), source[:512]
+        empty = not source
+    else:
+        path = Path(source)
+        empty = path.stat().st_size == 0
+    if empty:
         raise BadImage("empty file (0 bytes)")
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
@@ -33,7 +41,7 @@ def decode(path: str | Path, size: int, channels: int, max_pixels: int) -> np.nd
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"decompression bomb: {e}") from None
     except UnidentifiedImageError:
-        raise BadImage(_sniff(path)) from None
+        raise BadImage(_sniff(head if isinstance(source, bytes) else _head(path))) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(f"corrupt or truncated image: {e}") from None
     img = img.resize((size, size), Image.Resampling.BILINEAR)
@@ -68,9 +76,12 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def _sniff(path: Path) -> str:
+def _head(path: Path) -> bytes:
     with path.open("rb") as f:
-        head = f.read(512)
+        return f.read(512)
+
+
+def _sniff(head: bytes) -> str:
     lower = head.lower()
     if b"<html" in lower or b"<!doctype" in lower:
         return "an HTML page, not an image"

@@ -233,6 +233,9 @@ def set_train_mode(net: nn.Module, frozen: list[nn.Module]) -> None:
         block.eval()
 
 
+ONNX_CONFIG_KEY = "model_config"  # the metadata entry of an exported .onnx file that holds its ModelConfig
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What rebuilds a trained network and its input handling, saved with the weights (models/model.pt,

@@ -37,7 +37,7 @@ def load_model_with_source(uri: str):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
             spec = yaml.safe_load((local / "MLmodel").read_text())
             files = spec["flavors"]["python_function"].get("artifacts", {})
-            if set(files) != {serving.WEIGHTS, serving.CONFIG}:
+            if not {serving.WEIGHTS, serving.CONFIG} <= set(files):
                 raise PipelineError("not a model this pipeline logged (no weights and config artifacts)")
             paths = {key: (local / entry["path"]).resolve() for key, entry in files.items()}
             if not all(p.is_relative_to(local.resolve()) for p in paths.values()):

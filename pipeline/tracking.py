@@ -432,37 +432,40 @@ def log_artifact(path: str | Path, folder: str | None = None) -> None:
 
 
 @mlflow_call("logging")
-def log_model(model, example, step: int, name: str = "model"):
+def log_model(model, example_image, step: int, name: str = "model"):
     """Log the served model (a models.Classifier) as pipeline/serving.py's model from code, with its
-    weights and config as artifacts, its signature and an input example; returns the logged model's
-    URI (models:/<model_id>)."""
+    weights, config and ONNX export as artifacts, its signature, and `example_image` (uint8
+    (C, H, W)) as the input example; returns the logged model's URI (models:/<model_id>)."""
     import json
     import tempfile
 
     import mlflow
-    import torch
 
     from pipeline import serving
     from pipeline.models import save_weights
 
     model.eval()
-    with torch.no_grad():
-        probs = model(torch.from_numpy(example)).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         files = {key: Path(tmp) / file for key, file in serving.FILES.items()}
         save_weights(model.net, files[serving.WEIGHTS])
         files[serving.CONFIG].write_text(json.dumps(model.config.to_dict(), indent=2))
+        try:
+            serving.export_onnx(model, files[serving.ONNX])
+        except Exception as e:  # an operator the exporter lacks: the model is served all the same
+            log.warning("ONNX export of %s failed, logged without model.onnx: %s", model.config.model,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            del files[serving.ONNX]
         info = mlflow.pyfunc.log_model(
             name=name, python_model=serving.__file__, artifacts={k: str(v) for k, v in files.items()},
-            code_paths=[str(Path(__file__).parent)], signature=mlflow.models.infer_signature(example, probs),
-            input_example=example, step=step, pip_requirements=_requirements())
+            code_paths=[str(Path(__file__).parent)], signature=serving.signature(),
+            input_example=serving.input_example(example_image), step=step, pip_requirements=_requirements())
     return info.model_uri
 
 
 def _requirements() -> list[str]:
     """Exact pins of what loading the model needs, from requirements.txt (skips MLflow's slow
     requirement inference, which loads the model in a subprocess)."""
-    wanted = ("torch", "torchvision", "numpy", "pillow", "pyyaml", "mlflow", "safetensors")
+    wanted = ("torch", "torchvision", "numpy", "pandas", "pillow", "pyyaml", "mlflow", "safetensors")
     lines = Path(__file__).parent.parent.joinpath("requirements.txt").read_text().splitlines()
     return [line.strip() for line in lines if line.split("==")[0].strip().lower() in wanted]
 

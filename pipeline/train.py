@@ -166,7 +166,7 @@ def _train(params: Params) -> None:
         norm = Norm(network.config.mean, network.config.std)
         state, reason = fit(cfg, learner, data, norm, state, on_epoch)
         if main_rank:
-            summary = _finish(learner.net, network.config, state, reason)
+            summary = _finish(learner.net, network.config, state, reason, data.train_x[0].cpu().numpy())
             summary["stage_seconds"] = time.perf_counter() - started
             spent = tracking.seconds_spent()  # before end_run: a few ms more
             summary["mlflow_logging_seconds"], summary["mlflow_setup_seconds"] = spent["logging"], spent["setup"]
@@ -241,8 +241,9 @@ def _log_missing_epochs(state: TrainState) -> None:
             tracking.log_metrics(epoch_metrics(row), step=row["epoch"])
 
 
-def _finish(net: nn.Module, config: ModelConfig, state: TrainState, reason: str) -> dict:
-    """Load the best epoch's weights into `net`, log summary metrics, curves and the model."""
+def _finish(net: nn.Module, config: ModelConfig, state: TrainState, reason: str, example_image) -> dict:
+    """Load the best epoch's weights into `net`, log summary metrics, curves and the model (with
+    `example_image`, a training image, as its input example)."""
     best = next(h for h in state.history if h["epoch"] == state.stopper["best_epoch"])
     net.load_state_dict(state.best_state)
     summary = {"run_id": state.run_id, "model": config.model, "best_epoch": best["epoch"],
@@ -257,9 +258,7 @@ def _finish(net: nn.Module, config: ModelConfig, state: TrainState, reason: str)
     plots.close(fig)
     tracking.log_artifact(LOSS_PNG)
     served = Classifier(_cpu_copy(net, config), config)
-    example = np.random.default_rng(0).random((2, config.channels, config.image_size, config.image_size),
-                                              dtype=np.float32)
-    summary["model_uri"] = tracking.log_model(served, example, step=best["epoch"])
+    summary["model_uri"] = tracking.log_model(served, example_image, step=best["epoch"])
     return summary
 
 

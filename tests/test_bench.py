@@ -81,3 +81,13 @@ def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
                           capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0 and "gpu-check skipped: no CUDA device" in proc.stdout, proc.stderr
     assert json.loads(out.read_text())["gpu"] is None
+
+
+def test_bench_times_batch_predict_on_a_folder_of_jpegs(eval_done):
+    from pipeline.config import load_params
+    from tools.bench import predict_figures
+
+    figures = predict_figures(eval_done.root, load_params(eval_done.path("params.yaml")), n=40)
+    print(figures)
+    assert figures["images"] == 40
+    assert 0 < figures["command_images_per_second"] < figures["loop_images_per_second"]

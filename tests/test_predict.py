@@ -3,7 +3,7 @@ what evaluate predicted for the same test images."""
 
 from __future__ import annotations
 
-import csv
+import base64
 import json
 import os
 import shutil
@@ -17,33 +17,15 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from helpers.predictions import b64, confident, evaluate_predictions
 from helpers.project import inside_project
 
 from pipeline import predict
 
 NAME = "image-classifier"
 CHAMPION = f"models:/{NAME}@champion"
-
-
-def evaluate_predictions(project) -> list[dict]:
-    """reports/predictions.csv rows, in test-split order."""
-    with open(project.path("reports/predictions.csv"), newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def confident(project, n: int) -> list[dict]:
-    """n test images evaluate predicted with probability > 0.6 (no near-tie between two classes),
-    from different predicted classes where possible."""
-    rows = [r for r in evaluate_predictions(project) if float(r["probability"]) > 0.6]
-    picked, seen = [], set()
-    for r in rows:
-        if r["predicted"] not in seen:
-            picked.append(r)
-            seen.add(r["predicted"])
-    picked += [r for r in rows if r not in picked]
-    assert len(picked) >= n, "the trained model is too unsure to pick test images"
-    return picked[:n]
 
 
 def test_predict_one_image(eval_done):
@@ -110,26 +92,41 @@ def test_predict_unknown_model_and_empty_folder_fail_clearly(eval_done, tmp_path
         assert "no files found" in capsys.readouterr().err
 
 
-def test_pyfunc_champion_predicts_probabilities(eval_done):
+def test_pyfunc_champion_answers_images_with_class_names(eval_done):
+    """The registered model's pyfunc: image files (base64) and float pixels in, class names out; a bad
+    row is answered with its error and the others all the same."""
     import mlflow
 
-    test = np.load(eval_done.path("data/prepared/test.npy"))[:16]
-    batch = test.astype(np.float32) / 255.0
+    expected = evaluate_predictions(eval_done)[:6]
+    test = np.load(eval_done.path("data/prepared/test.npy"))[:6].astype(np.float64) / 255.0
+    rows = [{"image": b64(eval_done.path(f"data/raw/{r['file']}"))} for r in expected[:3]]
+    rows += [{"pixels": test[i].tolist()} for i in range(3, 6)]
+    rows += [{"image": base64.b64encode(b"<html>not an image</html>").decode()},
+             {"pixels": (test[0] * 255).round().tolist()},  # 0..255, not 0..1
+             {"pixels": test[0][:, :4].tolist()},  # another size
+             {"image": "%%%"}]
     with inside_project(eval_done):
         model = mlflow.pyfunc.load_model(CHAMPION)
-        probs = np.asarray(model.predict(batch))
-    classes = json.loads(eval_done.path("data/prepared/classes.json").read_text())
-    assert probs.shape == (16, len(classes)) == (16, 10)
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    assert (probs >= 0).all()
-    expected = evaluate_predictions(eval_done)[:16]
-    assert [classes[i] for i in probs.argmax(axis=1)] == [r["predicted"] for r in expected]
-    np.testing.assert_allclose(probs.max(axis=1), [float(r["probability"]) for r in expected], atol=2e-6)
+        answer = model.predict(pd.DataFrame(rows), params={"top_k": 3})
+        example = json.loads(Path(mlflow.artifacts.download_artifacts(
+            f"{CHAMPION}/input_example.json", dst_path=str(eval_done.root.parent / "ex"))).read_text())
+    assert list(answer.columns) == ["class", "probability", "top_classes", "top_probabilities", "error"]
+    for i, r in enumerate(expected):  # what evaluate predicted for the same test images
+        assert answer["class"][i] == r["predicted"] and pd.isna(answer["error"][i])
+        assert answer["probability"][i] == pytest.approx(float(r["probability"]), abs=2e-6)
+        assert len(answer["top_classes"][i]) == 3 and answer["top_classes"][i][0] == r["predicted"]
+        assert list(answer["top_probabilities"][i]) == sorted(answer["top_probabilities"][i], reverse=True)
+    errors = list(answer["error"][6:])
+    assert "an HTML page, not an image" in errors[0]
+    assert "must be floats in 0..1" in errors[1] and "got 0..255" in errors[1]
+    assert "shape (1, 4, 8)" in errors[2] and "(1, 8, 8)" in errors[2]
+    assert "not base64" in errors[3]
+    assert all(pd.isna(c) for c in answer["class"][6:])
 
-    inputs = model.metadata.get_input_schema().inputs
-    assert len(inputs) == 1 and inputs[0].shape == (-1, *batch.shape[1:]) == (-1, 1, 8, 8)
-    assert inputs[0].type == np.dtype("float32")
-    assert model.metadata.get_output_schema().inputs[0].shape == (-1, 10)
+    inputs = {c.name: c for c in model.metadata.get_input_schema().inputs}
+    assert set(inputs) == {"image", "pixels"} and not inputs["image"].required
+    assert {c.name for c in model.metadata.get_output_schema().inputs} >= {"class", "probability", "error"}
+    assert example["columns"] == ["image"] and base64.b64decode(example["data"][0][0])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def free_port() -> int:
@@ -139,7 +136,7 @@ def free_port() -> int:
 
 
 def test_mlflow_models_serve_answers_invocations(eval_done):
-    """`mlflow models serve` of @champion (local env), a JSON batch POSTed to /invocations."""
+    """`mlflow models serve` of @champion (local env): image files, base64, POSTed to /invocations."""
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     if not mlflow_cli.exists():
         pytest.skip("no mlflow CLI beside this interpreter")
@@ -161,12 +158,14 @@ def test_mlflow_models_serve_answers_invocations(eval_done):
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"server not up (exit {server.poll()}):\n{log.read_text()[-3000:]}")
                 time.sleep(0.5)
-        test = np.load(eval_done.path("data/prepared/test.npy"))[:4].astype(np.float32) / 255.0
+        expected = evaluate_predictions(eval_done)[:4]
+        rows = [{"image": b64(eval_done.path(f"data/raw/{r['file']}"))} for r in expected]
+        rows.append({"image": base64.b64encode(b"shopping list").decode()})
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"inputs": test.tolist()}).encode(),
+                                         data=json.dumps({"dataframe_records": rows}).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as resp:
-            probs = np.array(json.loads(resp.read())["predictions"])
+            answers = json.loads(resp.read())["predictions"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: a group this test started
         try:
@@ -174,9 +173,48 @@ def test_mlflow_models_serve_answers_invocations(eval_done):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-    assert probs.shape == (4, 10)
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    expected = evaluate_predictions(eval_done)[:4]
-    classes = json.loads(eval_done.path("data/prepared/classes.json").read_text())
-    assert [classes[i] for i in probs.argmax(axis=1)] == [r["predicted"] for r in expected]
-    np.testing.assert_allclose(probs.max(axis=1), [float(r["probability"]) for r in expected], atol=2e-6)
+    assert [a["class"] for a in answers[:4]] == [r["predicted"] for r in expected]  # class names, labelled
+    assert [a["probability"] for a in answers[:4]] == pytest.approx([float(r["probability"]) for r in expected],
+                                                                    abs=2e-6)
+    assert answers[0]["error"] is None  # JSON null, not NaN (which strict JSON parsers refuse)
+    assert answers[4]["class"] is None and "a text file, not an image" in answers[4]["error"]
+
+
+def test_predict_folder_to_csv_in_batches_with_error_rows(eval_done, tmp_path, monkeypatch):
+    """--output: one CSV row per file in order, the bad ones with their error; batches smaller than the
+    folder so that the batching is crossed."""
+    monkeypatch.setattr(predict, "BATCH", 2)
+    rows = confident(eval_done, 3)
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for i, r in enumerate(rows):
+        shutil.copy(eval_done.path("data/raw") / r["file"], folder / f"{i}-good.png")
+    (folder / "1a-bad.png").write_text("not an image\n")
+    out = tmp_path / "preds.csv"
+    with inside_project(eval_done):
+        code = predict.main([str(folder), "--output", str(out), "--top-k", "2"])
+    assert code == 1  # a file was not an image; the others are all there
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table.columns) == ["file", "class", "probability", "top2", "error"]
+    assert [Path(f).name for f in table["file"]] == ["0-good.png", "1-good.png", "1a-bad.png", "2-good.png"]
+    good = table[table["error"] == ""]
+    assert list(good["class"]) == [r["predicted"] for r in rows]
+    assert list(good["probability"].astype(float)) == pytest.approx([float(r["probability"]) for r in rows], abs=2e-4)
+    bad = table[table["file"].str.endswith("1a-bad.png")].iloc[0]
+    assert bad["class"] == "" and "a text file, not an image" in bad["error"]
+
+
+def test_logged_onnx_model_predicts_like_pytorch(eval_done, tmp_path, capsys):
+    """The ONNX file logged beside @champion: `predict --model model.onnx` gives evaluate's answers."""
+    import mlflow
+
+    with inside_project(eval_done):
+        folder = Path(mlflow.artifacts.download_artifacts(f"{CHAMPION}/artifacts", dst_path=str(tmp_path / "m")))
+        onnx_file = folder / "model.onnx"
+        rows = confident(eval_done, 3)
+        images = [str(eval_done.path("data/raw") / r["file"]) for r in rows]
+        assert predict.main([*images, "--model", str(onnx_file)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    for line, r in zip(lines, rows):
+        cells = line.split()
+        assert cells[1] == r["predicted"] and float(cells[2]) == pytest.approx(float(r["probability"]), abs=2e-4)

@@ -9,17 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.browser import browser_or_skip
 from helpers.project import sh
-
-
-def browser_or_skip() -> None:
-    from tools.browser import Unavailable, executable
-
-    try:
-        import playwright  # noqa: F401
-        executable()
-    except (ImportError, Unavailable) as e:
-        pytest.skip(f"no browser to drive: {e}")
 
 
 def test_screenshots_show_runs_curves_system_metrics_and_offline_plots(baseline_repo, tmp_path):

@@ -14,7 +14,9 @@ outputs and MLflow store are left alone):
 6. evaluation images/s;
 7. the loop's ceiling: the model's convolutions alone, forward and backward at one batch's shapes,
    against a large matrix product on the same CPU (what the convolutions could run at), in the
-   pipeline's precision and in fp32.
+   pipeline's precision and in fp32;
+8. batch predict (`python -m pipeline.predict DIR --output preds.csv`) on a folder of 256x256 JPEGs:
+   images/s of the whole command and of its prediction loop alone.
 """
 
 from __future__ import annotations
@@ -240,6 +242,39 @@ def repro_figures(project: Path) -> dict:
     }
 
 
+def jpeg_folder(folder: Path, n: int, size: int = 256) -> None:
+    """`n` RGB JPEGs of size x size px (photo-sized: decoding and resizing are part of what is timed)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        Image.fromarray(tiles[i % 16]).save(folder / f"{i:05d}.jpg", "JPEG", quality=90)
+
+
+def predict_figures(project: Path, params, n: int = 1000) -> dict:
+    """Batch predict with the trained models/model.pt on `n` JPEGs: the command end to end (start-up,
+    model load, CSV) and its loop alone (decode, resize, forward), in images/s."""
+    from pipeline import predict
+
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+        folder = Path(tmp) / "jpegs"
+        jpeg_folder(folder, n)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        seconds, _ = timed([sys.executable, "-m", "pipeline.predict", str(folder), "--output",
+                            str(Path(tmp) / "preds.csv")], project, env)
+        model = predict.load_predictor(str(project / "models/model.pt"))
+        files = predict.expand([str(folder)])
+        start = time.perf_counter()
+        rows, _, errors = predict.predict_files(model, files, 1, params.prepare.max_image_pixels)
+        loop = time.perf_counter() - start
+    assert len(rows) == n and not errors, errors
+    return {"images": n, "command_images_per_second": round(n / seconds, 1),
+            "loop_images_per_second": round(n / loop, 1)}
+
+
 def synthetic_zip(path: Path, n: int, size: int = 32, classes: int = 10) -> None:
     """`n` RGB JPEGs of size x size px in train/<class>/ and test/<class>/ (1 in 10): a colour per
     class plus noise, written as fast as possible (the decoding under test is prepare's, not this)."""
@@ -355,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                           "speedup": round(statistics.median(pl) / statistics.median(nb), 2),
                           "epochs_measured": args.epochs}
         result["evaluate_images_per_second"] = round(eval_rate, 1)
+        result["batch_predict"] = predict_figures(project, params)
         ceiling = ceilings(project, params)
         ceiling["ceiling_speedup"] = round(ceiling["pipeline"]["conv_only_images_per_second"]
                                            / statistics.median(nb), 2)

@@ -56,7 +56,7 @@ def _worker(env: dict, naive: bool, jobs, barrier, errors) -> None:
 def run_trials(env: dict, trials: int, workers: int, naive: bool = False, seed: int = 0) -> list[dict]:
     """`trials` rounds of `workers` concurrent promotions, each of a new version of a fresh registered
     model whose versions have random scores (ties included); the first round's model starts with a
-    champion. Returns per trial: the final alias holder and the best version."""
+    champion. Returns per trial: the final alias holder and whether it has the top score."""
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     rng = random.Random(seed)
     ctx = multiprocessing.get_context("spawn")
@@ -88,9 +88,11 @@ def run_trials(env: dict, trials: int, workers: int, naive: bool = False, seed: 
             barrier.wait(timeout=120)  # all start together
             barrier.wait(timeout=300)  # all done
             top = max(scores.values())
-            best = min(int(v) for v, s in scores.items() if s == top)  # a tie goes to the earlier version
             holder = client.get_model_version_by_alias(name, "champion").version
-            results.append({"trial": trial, "final": int(holder), "best": best, "scores": scores})
+            # Versions that tie on the top score are equally best: a tie never replaces a champion,
+            # so which of them holds the alias depends on who got there first.
+            results.append({"trial": trial, "final": int(holder), "best": scores[holder] == top,
+                            "scores": scores})
     finally:
         for _ in procs:
             jobs.put(None)

@@ -1,0 +1,33 @@
+"""What evaluate predicted for a trained project's test images: the reference that predict, the served
+model, ONNX and the demo are checked against."""
+
+from __future__ import annotations
+
+import base64
+import csv
+from pathlib import Path
+
+
+def evaluate_predictions(project) -> list[dict]:
+    """reports/predictions.csv rows, in test-split order."""
+    with open(project.path("reports/predictions.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def confident(project, n: int) -> list[dict]:
+    """n test images evaluate predicted with probability > 0.6 (no near-tie between two classes),
+    from different predicted classes where possible."""
+    rows = [r for r in evaluate_predictions(project) if float(r["probability"]) > 0.6]
+    picked, seen = [], set()
+    for r in rows:
+        if r["predicted"] not in seen:
+            picked.append(r)
+            seen.add(r["predicted"])
+    picked += [r for r in rows if r not in picked]
+    assert len(picked) >= n, "the trained model is too unsure to pick test images"
+    return picked[:n]
+
+
+def b64(path) -> str:
+    """A file's bytes as a client of the served model sends them."""
+    return base64.b64encode(Path(path).read_bytes()).decode()
