@@ -44,9 +44,11 @@ def materialize(cfg: Data, work: Path) -> dict:
     elif kind == "torchvision":
         export_torchvision(cfg.source.split(":", 1)[1], Path(cfg.torchvision_root), work)
     elif kind == "url":
-        archive = download(cfg.source, Path(cfg.download_dir), cfg.sha256, cfg.timeout_s)
-        info["archive_sha256"] = sha256_file(archive)
-        extract(archive, work, cfg)
+        got = download(cfg)
+        if got.final_url is not None:  # downloaded now (not from the cache): where the redirects led
+            info["final_url"] = redact(got.final_url)
+        info["archive_sha256"] = sha256_file(got.path)
+        extract(got.path, work, cfg)
     else:
         path = Path(cfg.source).expanduser()
         if not path.exists():

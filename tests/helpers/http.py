@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -18,11 +19,15 @@ class LoopbackServer:
     stall     sends half the body, then goes silent until the test ends
     silent    accepts the request and never answers
     error     500 Internal Server Error
+    nolength  200 with the body but no Content-Length (the end is where the connection closes)
+    trickle   200 without Content-Length, then one byte of the body every 0.3 s
+    redirect  302 to the URL given as the body
+    With `tls` (an ssl.SSLContext holding a certificate) it serves https.
     Anything not routed is a 404. `requests` lists the paths asked for (with their query), in order,
     and `authorizations` their Authorization headers.
     """
 
-    def __init__(self):
+    def __init__(self, tls: ssl.SSLContext | None = None):
         self.routes: dict[str, tuple[str, bytes]] = {}
         self.requests: list[str] = []
         self.authorizations: list[str | None] = []
@@ -46,6 +51,24 @@ class LoopbackServer:
                 if mode == "silent":
                     server.release.wait(60)
                     return
+                if mode == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", body.decode())
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if mode in ("nolength", "trickle"):
+                    self.send_response(200)
+                    self.end_headers()
+                    if mode == "nolength":
+                        self.wfile.write(body)
+                        return
+                    for i in range(len(body)):
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        if server.release.wait(0.3):
+                            return
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body) + (4096 if mode == "truncated" else 0)))
@@ -65,11 +88,15 @@ class LoopbackServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.httpd.server_port}{path}"
 
     def serve(self, path: str, body: bytes = b"", mode: str = "ok") -> str:
         self.routes[path] = (mode, body)
