@@ -110,8 +110,11 @@ def export_torchvision(name: str, root: Path, out: Path) -> None:
 
 
 def copy_tree(src: Path, out: Path) -> None:
-    """Copy the visible files of `src` to `out`, following symlinks but never into a loop."""
+    """Copy the visible files of `src` to `out`, following symlinks but never into a loop, and
+    refusing a link that leaves `src` (its target's content would land in data/raw, which DVC
+    caches and pushes: a link to ~/.ssh/id_rsa or /etc/shadow would be published)."""
     seen: set[tuple[int, int]] = set()
+    root = os.path.realpath(src)
 
     def walk(folder: Path, rel: Path) -> None:
         st = folder.stat()
@@ -126,6 +129,8 @@ def copy_tree(src: Path, out: Path) -> None:
             if is_hidden(entry.name):
                 continue
             path = Path(entry.path)
+            if entry.is_symlink():
+                _check_link(path, root, src)
             try:
                 if entry.is_dir():
                     walk(path, rel / entry.name)
@@ -139,6 +144,13 @@ def copy_tree(src: Path, out: Path) -> None:
 
     with progress(f"copy {src}", unit="files") as bar:
         walk(src, Path())
+
+
+def _check_link(path: Path, root: str, src: Path) -> None:
+    target = os.path.realpath(path)  # a link loop resolves to itself here, and is skipped later
+    if os.path.commonpath([target, root]) != root:
+        raise FetchError(f"data.source {src}: {path.relative_to(src)} is a link to {target}, outside the "
+                         "source folder (not allowed: copy the file in instead)")
 
 
 # -- layout ---------------------------------------------------------------------------------------
