@@ -22,6 +22,9 @@ class LoopbackServer:
     nolength  200 with the body but no Content-Length (the end is where the connection closes)
     trickle   200 without Content-Length, then one byte of the body every 0.3 s
     redirect  302 to the URL given as the body
+    held      waits until the test releases the server, then 200 with the body (JSON); `answered`
+              says, per request, whether the client was still there to take the answer
+    A route given without a query also answers that path with any query.
     With `tls` (an ssl.SSLContext holding a certificate) it serves https.
     Anything not routed is a 404. `requests` lists the paths asked for (with their query), in order,
     and `authorizations` their Authorization headers.
@@ -31,6 +34,7 @@ class LoopbackServer:
         self.routes: dict[str, tuple[str, bytes]] = {}
         self.requests: list[str] = []
         self.authorizations: list[str | None] = []
+        self.answered: list[bool] = []
         self.release = threading.Event()
         server = self
 
@@ -41,7 +45,7 @@ class LoopbackServer:
             def do_GET(self):
                 server.requests.append(self.path)
                 server.authorizations.append(self.headers.get("Authorization"))
-                mode, body = server.routes.get(self.path, ("missing", b""))
+                mode, body = server.routes.get(self.path) or server.routes.get(self.path.split("?")[0], ("missing", b""))
                 if mode == "missing":
                     self.send_error(404, "Not Found")
                     return
@@ -50,6 +54,19 @@ class LoopbackServer:
                     return
                 if mode == "silent":
                     server.release.wait(60)
+                    return
+                if mode == "held":
+                    server.release.wait(60)
+                    try:
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body)
+                        self.wfile.flush()
+                        server.answered.append(True)
+                    except OSError:  # the client hung up before the answer
+                        server.answered.append(False)
                     return
                 if mode == "redirect":
                     self.send_response(302)
