@@ -11,6 +11,7 @@ import csv
 import logging
 import multiprocessing
 import os
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -172,11 +173,21 @@ def write_split(folder: Path, split: str, images: np.ndarray, idx: np.ndarray,
     return SplitFiles(count=len(idx), sha256={p.name: sha256_file(p) for p in (npy, table)})
 
 
-def build_cache(params: Params, raw: dict, classes: list[str], rels: list[str], labels: np.ndarray,
-                source_split: np.ndarray, raw_dir: Path, out_dir: Path):
+@dataclass(frozen=True)
+class Listing:
+    """The images prepare found under data/raw, one entry per file in each array."""
+
+    classes: list[str]
+    rels: list[str]  # paths relative to data/raw
+    labels: np.ndarray  # class index
+    source_split: np.ndarray  # "train", "test" or "all"
+
+
+def build_cache(params: Params, raw: dict, listing: Listing, raw_dir: Path, out_dir: Path):
     """Decode, split and write the cache in a temp folder renamed to `out_dir`; returns (split
     indices, {file: reason} of the quarantined ones, mean, std)."""
     cfg = params.prepare
+    classes, rels, labels, source_split = listing.classes, listing.rels, listing.labels, listing.source_split
     index = {c: i for i, c in enumerate(classes)}
     trainable = source_split != "test"
     with atomic_path(out_dir, directory=True) as tmp:
@@ -223,8 +234,8 @@ def prepare(params: Params, raw_dir: Path = RAW_DIR, raw_json: Path = RAW_JSON,
     require_free(out_dir.parent, output_bytes(len(rels), cfg),
                  f"{out_dir} ({len(rels)} images of {cfg.channels}x{cfg.image_size}x{cfg.image_size})")
     try:
-        parts, quarantined, mean, std = build_cache(params, raw, classes, rels, labels, source_split, raw_dir,
-                                                    out_dir)
+        parts, quarantined, mean, std = build_cache(params, raw, Listing(classes, rels, labels, source_split),
+                                                    raw_dir, out_dir)
     except OSError as e:  # a full or failing disk: the temp folder is removed, the previous cache kept
         raise PipelineError(f"{out_dir}: writing the prepared data failed: {e}") from None
     if quarantined:

@@ -106,7 +106,7 @@ def test_server_settings_are_checked():
         server_command({**base, "MLFLOW_DEFAULT_PERMISSION": "WRITE"})
     with pytest.raises(SystemExit, match="MLFLOW_TLS_KEYFILE"):
         server_command({**base, "MLFLOW_TLS_CERTFILE": "cert.pem"})
-    argv, env, ini = server_command({**base, "MLFLOW_ALLOWED_HOSTS": "mlflow.example.com"})
+    argv, _, ini = server_command({**base, "MLFLOW_ALLOWED_HOSTS": "mlflow.example.com"})
     allowed = argv[argv.index("--allowed-hosts") + 1].split(",")
     assert "default_permission = READ" in ini and "mlflow.example.com" in allowed and "127.0.0.1:5000" in allowed
     assert socket.gethostname() not in allowed  # loopback only: the machine's names are not needed

@@ -29,8 +29,8 @@ CASES = {
     "short": ("server closes the connection before Content-Length bytes", "truncated", "got ", {}),
     "stall": ("server sends half the body, then stalls (data.timeout_s=0.5)", "stall", "timed out", {}),
     "checksum": ("body that does not match data.sha256", "corrupt", "sha256 mismatch", {}),
-    "trickle": ("server trickles the body, a byte every 0.3 s, no Content-Length (data.timeout_s=0.5, "
-                "data.download_deadline_s=2)", "trickle", "not finished within data.download_deadline_s=2 s",
+    "trickle": (("server trickles the body, a byte every 0.3 s, no Content-Length (data.timeout_s=0.5, "
+                 "data.download_deadline_s=2)"), "trickle", "not finished within data.download_deadline_s=2 s",
                 {"data__download_deadline_s": 2}),
 }
 
