@@ -1,6 +1,7 @@
 """Archive extraction for fetch_data: zip and tar, refusing members that would land outside the
 target, links, special files, and archives over the size, member-count or compression-ratio bounds
-(data.max_archive_*)."""
+(data.max_archive_*, data.max_compression_ratio for each member and for the whole archive) or over
+the free disk space."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from pathlib import Path
 from pipeline.cli import progress
 from pipeline.config import Data
 from pipeline.errors import FetchError
-from pipeline.io import CHUNK, IGNORED_NAMES
+from pipeline.io import CHUNK, IGNORED_NAMES, free_bytes
+
+# Members and archives smaller than this uncompressed are not ratio-checked: a tiny file of zeros
+# (an empty mask, a blank BMP) legitimately compresses 1000x, and cannot fill a disk.
+RATIO_FLOOR = 64 * 1024
 
 
 def extract(archive: Path, out: Path, cfg: Data) -> None:
@@ -49,16 +54,27 @@ def _member_path(archive: Path, out: Path, name: str) -> Path | None:
 
 
 class _Budget:
-    """Counts members and bytes actually written against the archive bounds (headers can lie)."""
+    """Counts members and bytes actually written against the archive bounds (headers can lie): at
+    most data.max_archive_bytes, and never more than the disk holding the target has free."""
 
-    def __init__(self, archive: Path, cfg: Data):
+    def __init__(self, archive: Path, out: Path, cfg: Data):
         self.archive, self.cfg, self.members, self.bytes = archive, cfg, 0, 0
+        self.free = free_bytes(out)
 
     def member(self, name: str) -> None:
         self.members += 1
         if self.members > self.cfg.max_archive_members:
             raise FetchError(f"{self.archive}: more than data.max_archive_members="
                              f"{self.cfg.max_archive_members} members (zip bomb?)")
+
+    def check_total(self, total: int) -> None:
+        """Extracting `total` bytes in all stays within data.max_archive_bytes and the free space."""
+        if total > self.cfg.max_archive_bytes:
+            raise FetchError(f"{self.archive}: uncompressed size exceeds data.max_archive_bytes="
+                             f"{self.cfg.max_archive_bytes} (zip bomb?)")
+        if total > self.free:
+            raise FetchError(f"{self.archive}: uncompressed size exceeds the {self.free} bytes free on the disk "
+                             "it is extracted to (zip bomb? else free some space)")
 
     def copy(self, src, dest: Path, name: str, declared: int) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -69,29 +85,28 @@ class _Budget:
                 self.bytes += len(chunk)
                 if written > declared:
                     raise FetchError(f"{self.archive}: member {name!r} is larger than its header says")
-                if self.bytes > self.cfg.max_archive_bytes:
-                    raise FetchError(f"{self.archive}: uncompressed size exceeds data.max_archive_bytes="
-                                     f"{self.cfg.max_archive_bytes} (zip bomb?)")
+                self.check_total(self.bytes)
                 f.write(chunk)
 
     def check_ratio(self, what: str, size: int, packed: int) -> None:
         """`what` (a member, or the whole archive) would expand `size / packed` times."""
-        if size > CHUNK and size > self.cfg.max_compression_ratio * max(packed, 1):
+        if size > RATIO_FLOOR and size > self.cfg.max_compression_ratio * max(packed, 1):
             raise FetchError(f"{self.archive}: {what} expands {size / max(packed, 1):.0f}x, over "
                              f"data.max_compression_ratio={self.cfg.max_compression_ratio:g} (zip bomb?)")
 
 
 def _extract_zip(archive: Path, out: Path, cfg: Data) -> None:
-    budget = _Budget(archive, cfg)
+    budget = _Budget(archive, out, cfg)
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         # Check every member before writing any, so a bad archive writes nothing at all.
         if len(infos) > cfg.max_archive_members:
             raise FetchError(f"{archive}: {len(infos)} members, over data.max_archive_members="
                              f"{cfg.max_archive_members} (zip bomb?)")
-        if sum(i.file_size for i in infos) > cfg.max_archive_bytes:
-            raise FetchError(f"{archive}: uncompressed size exceeds data.max_archive_bytes="
-                             f"{cfg.max_archive_bytes} (zip bomb?)")
+        total = sum(i.file_size for i in infos)
+        budget.check_total(total)
+        # Many members each just under the per-member floor add up: the whole archive's ratio too.
+        budget.check_ratio("the archive", total, archive.stat().st_size)
         for info in infos:
             _member_path(archive, out, info.filename)
             mode = info.external_attr >> 16
@@ -115,7 +130,7 @@ def _extract_zip(archive: Path, out: Path, cfg: Data) -> None:
 
 
 def _extract_tar(archive: Path, out: Path, cfg: Data) -> None:
-    budget = _Budget(archive, cfg)
+    budget = _Budget(archive, out, cfg)
     packed = archive.stat().st_size
     with tarfile.open(archive, "r:*") as tf, progress(f"extract {archive.name}", unit="files") as bar:
         for m in tf:  # streamed: a tar with millions of members is stopped at the bound

@@ -47,6 +47,7 @@ class Data:
     torchvision_root: str
     download_dir: str
     timeout_s: float
+    download_deadline_s: float
     max_archive_bytes: int
     max_archive_members: int
     max_compression_ratio: float
@@ -61,6 +62,7 @@ class Data:
         if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256.lower()):
             _fail("data.sha256", self.sha256, "null or 64 hex digits")
         _positive("data.timeout_s", self.timeout_s)
+        _positive("data.download_deadline_s", self.download_deadline_s)
         _positive("data.max_archive_bytes", self.max_archive_bytes)
         _positive("data.max_archive_members", self.max_archive_members)
         _positive("data.max_compression_ratio", self.max_compression_ratio)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.io import read_json, sha256_file, write_json
+from pipeline.io import read_json, recover, sha256_file, write_json
 from pipeline.paths import PREPARED_DIR
 
 SPLITS = ("train", "val", "test")
@@ -92,6 +92,7 @@ def write_meta(folder: Path, meta: DatasetMeta) -> None:
 def load_meta(folder: Path = PREPARED_DIR) -> DatasetMeta:
     """meta.json, after checking it against its own digest: an edited mean/std or image size would
     otherwise be used silently."""
+    recover(folder)  # a prepare killed mid-swap left the previous folder aside
     path = folder / "meta.json"
     if not path.exists():
         raise PipelineError(f"{path}: missing; run the prepare stage first (dvc repro prepare)")

@@ -35,8 +35,11 @@ def decode(source: str | Path | bytes, size: int, channels: int, max_pixels: int
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.draft(None, (size, size))  # JPEG: decode at a reduced scale, much faster
-                img = ImageOps.exif_transpose(img)
                 img.load()
+                # In place: exif_transpose() otherwise returns a copy even when there is nothing to turn.
+                ImageOps.exif_transpose(img, in_place=True)
+                if _is_wide(img):
+                    img = _wide_to_l(img.resize((size, size), Image.Resampling.BILINEAR))
                 img = _to_mode(img, channels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"decompression bomb: {e}") from None
@@ -44,7 +47,8 @@ def decode(source: str | Path | bytes, size: int, channels: int, max_pixels: int
         raise BadImage(_sniff(head if isinstance(source, bytes) else _head(path))) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(f"corrupt or truncated image: {e}") from None
-    img = img.resize((size, size), Image.Resampling.BILINEAR)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
@@ -59,16 +63,28 @@ def decode_or_reason(rel: str, root: Path, size: int, channels: int, max_pixels:
         return f"unreadable: {e}"
 
 
-def _to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode to L (1 channel) or RGB (3): transparency goes onto white, 16-bit and
-    32-bit greyscale are scaled rather than clipped, CMYK and palettes through PIL's converters."""
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+def _is_wide(img: Image.Image) -> bool:
+    """16-bit and 32-bit greyscale: more than 8 bits per pixel."""
+    return img.mode.startswith("I;16") or img.mode in ("I", "F")
+
+
+def _wide_to_l(img: Image.Image) -> Image.Image:
+    """8-bit greyscale from a 16- or 32-bit one, scaled rather than clipped. Called after the resize
+    to the output size, so its arithmetic is on a few thousand pixels: on the decoded image (88 M
+    pixels fit under prepare.max_image_pixels) float64 copies took gigabytes."""
+    if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        if img.mode != "F":
-            arr = arr / 257.0  # 16-bit range 0..65535 onto 0..255
-        elif arr.max(initial=0) <= 1.0:
+        if arr.max(initial=0) <= 1.0:
             arr = arr * 255.0  # float images are usually 0..1
-        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode="L")
+        out = np.clip(arr, 0, 255).round()
+    else:  # 16-bit range 0..65535 onto 0..255, rounded to nearest: v / 257 = (v + 128) // 257
+        out = np.clip((np.asarray(img, dtype=np.int64) + 128) // 257, 0, 255)
+    return Image.fromarray(out.astype(np.uint8), mode="L")
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode to L (1 channel) or RGB (3): transparency goes onto white, CMYK and
+    palettes through PIL's converters."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

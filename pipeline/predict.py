@@ -93,14 +93,24 @@ def load_predictor(ref: str) -> Predictor:
 
 
 def expand(paths: list[str]) -> list[Path]:
-    """Files as given, and the visible files under given folders, sorted."""
+    """Files as given, and the visible files under given folders, sorted. Only the parts below a
+    given folder can hide a file: `../imgs` and `~/.cache/imgs` are folders like any other."""
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and not any(is_hidden(x) for x in f.parts))
+            out += sorted(f for f in p.rglob("*")
+                          if f.is_file() and not any(is_hidden(x) for x in f.relative_to(p).parts))
         else:
             out.append(p)
     return out
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not >= 1")
+    return value
 
 
 def _row(file: Path, probs: np.ndarray, classes: list[str], top_k: int) -> dict:
@@ -149,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help="image files or folders of images")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="models/model.pt, model.onnx, models:/<name>@<alias>, runs:/<id>/model")
-    parser.add_argument("--top-k", type=int, default=1, help="also show the next K-1 classes")
-    parser.add_argument("--plot", help="write the images with their predictions to this PNG (the notebooks' "
-                                       "pred_and_plot_image)")
+    parser.add_argument("--top-k", type=positive, default=1, help="also show the next K-1 classes (K >= 1)")
+    parser.add_argument("--plot", type=Path, help="write the images with their predictions to this PNG (the "
+                                                  "notebooks' pred_and_plot_image); its folder is created")
     parser.add_argument("--output", help="write every file's prediction (or error) to this CSV, with a progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -183,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         titles = [f"Pred: {r['class']} | Prob: {r['probability']:.3f}" for r in rows]
         fig = plots.image_grid(np.stack(images), titles, ["black"] * len(rows), f"Predictions ({args.model})",
                                cols=min(len(rows), 5))
-        fig.savefig(args.plot)
-        plots.close(fig)
+        try:
+            plots.save(fig, args.plot)  # atomic, creating the folder
+        except OSError as e:  # not writable, a file where the folder should be
+            print(f"error: --plot {args.plot}: {e}", file=sys.stderr)
+            return 2
+        finally:
+            plots.close(fig)
     return 1 if errors else 0
 
 

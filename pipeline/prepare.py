@@ -11,6 +11,7 @@ import csv
 import logging
 import multiprocessing
 import os
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from pipeline.config import Params, Prepare
 from pipeline.dataset import DatasetMeta, SplitFiles, write_meta
 from pipeline.errors import PipelineError
 from pipeline.images import decode_or_reason
-from pipeline.io import atomic_path, is_hidden, read_json, remove, sha256_file, write_json
+from pipeline.io import atomic_path, is_hidden, read_json, recover, remove, require_free, sha256_file, write_json
 from pipeline.paths import DATA_REPORT, PREPARED_DIR, RAW_DIR, RAW_JSON
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,7 @@ def check_class_counts(counts: dict[str, int], minimum: int, when: str) -> None:
 
 def decode_all(rels: list[str], raw_dir: Path, cfg: Prepare, out: Path) -> tuple[np.ndarray, dict[str, str]]:
     """Decode files into a new memory-mapped .npy at `out`; returns (ok mask, {file: reason})."""
-    images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
-                                       shape=(len(rels), cfg.channels, cfg.image_size, cfg.image_size))
+    images = open_output(out, (len(rels), cfg.channels, cfg.image_size, cfg.image_size))
     ok = np.zeros(len(rels), dtype=bool)
     quarantined = {}
     # A function of pipeline.images, not of this module: this one runs as __main__, which spawned
@@ -102,6 +102,22 @@ def decode_all(rels: list[str], raw_dir: Path, cfg: Prepare, out: Path) -> tuple
     images.flush()
     del images
     return ok, quarantined
+
+
+def open_output(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A new memory-mapped uint8 .npy of `shape`, its blocks reserved on the disk up front: a write
+    to a page the disk has no room for would kill the process with SIGBUS, and this raises ENOSPC."""
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+    return images
+
+
+def output_bytes(n: int, cfg: Prepare) -> int:
+    """Disk space prepare needs at its peak: all decoded images, plus the same again as the split
+    files written from them (all.npy is removed only after)."""
+    return 2 * n * cfg.channels * cfg.image_size**2 + 2**20
 
 
 def split_indices(labels: np.ndarray, source_split: np.ndarray, cfg: Prepare, seed: int) -> dict[str, np.ndarray]:
@@ -144,7 +160,7 @@ def channel_stats(images: np.ndarray, idx: np.ndarray) -> tuple[list[float], lis
 def write_split(folder: Path, split: str, images: np.ndarray, idx: np.ndarray,
                 labels: np.ndarray, rels: list[str]) -> SplitFiles:
     npy, table = folder / f"{split}.npy", folder / f"{split}.csv"
-    out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(idx),) + images.shape[1:])
+    out = open_output(npy, (len(idx),) + images.shape[1:])
     rows = chunk_rows(images, itemsize=1)
     for start in range(0, len(idx), rows):
         out[start:start + rows] = images[idx[start:start + rows]]
@@ -157,32 +173,25 @@ def write_split(folder: Path, split: str, images: np.ndarray, idx: np.ndarray,
     return SplitFiles(count=len(idx), sha256={p.name: sha256_file(p) for p in (npy, table)})
 
 
-def prepare(params: Params, raw_dir: Path = RAW_DIR, raw_json: Path = RAW_JSON,
-            out_dir: Path = PREPARED_DIR, report_path: Path = DATA_REPORT) -> dict:
-    """Build the cache in a temp folder and rename it into place; returns the data report."""
-    cfg = params.prepare
-    if not raw_json.exists():
-        raise PipelineError(f"{raw_json}: missing; run the fetch_data stage first")
-    raw = read_json(raw_json)
-    classes, items = list_images(raw_dir, raw["layout"])
-    if not classes:
-        raise PipelineError(f"{raw_dir}: no class folders with images")
-    unknown = sorted({c for s, c, _ in items if c not in classes})
-    if unknown:
-        raise PipelineError(f"{raw_dir}/test has classes that train lacks: {', '.join(unknown)}")
-    index = {c: i for i, c in enumerate(classes)}
-    rels = [rel for _, _, rel in items]
-    labels = np.array([index[c] for _, c, _ in items], dtype=np.int64)
-    source_split = np.array([s for s, _, _ in items])
-    trainable = source_split != "test"
-    # Fail before decoding anything when the files alone are too few.
-    check_class_counts({c: int(((labels == i) & trainable).sum()) for c, i in index.items()},
-                       cfg.min_images_per_class, f"in {raw_dir}")
+@dataclass(frozen=True)
+class Listing:
+    """The images prepare found under data/raw, one entry per file in each array."""
 
+    classes: list[str]
+    rels: list[str]  # paths relative to data/raw
+    labels: np.ndarray  # class index
+    source_split: np.ndarray  # "train", "test" or "all"
+
+
+def build_cache(params: Params, raw: dict, listing: Listing, raw_dir: Path, out_dir: Path):
+    """Decode, split and write the cache in a temp folder renamed to `out_dir`; returns (split
+    indices, {file: reason} of the quarantined ones, mean, std)."""
+    cfg = params.prepare
+    classes, rels, labels, source_split = listing.classes, listing.rels, listing.labels, listing.source_split
+    index = {c: i for i, c in enumerate(classes)}
+    trainable = source_split != "test"
     with atomic_path(out_dir, directory=True) as tmp:
         ok, quarantined = decode_all(rels, raw_dir, cfg, tmp / "all.npy")
-        if quarantined:
-            log.warning("quarantined %d of %d files (reasons in %s)", len(quarantined), len(rels), report_path)
         check_class_counts({c: int(((labels == i) & trainable & ok).sum()) for c, i in index.items()},
                            cfg.min_images_per_class, "after quarantining unusable files")
         keep = np.flatnonzero(ok)
@@ -197,6 +206,40 @@ def prepare(params: Params, raw_dir: Path = RAW_DIR, raw_json: Path = RAW_JSON,
         write_meta(tmp, DatasetMeta(image_size=cfg.image_size, channels=cfg.channels, classes=tuple(classes),
                                     mean=tuple(mean), std=tuple(std), source=raw.get("source"),
                                     raw_sha256=raw.get("content_sha256"), splits=splits))
+    return parts, quarantined, mean, std
+
+
+def prepare(params: Params, raw_dir: Path = RAW_DIR, raw_json: Path = RAW_JSON,
+            out_dir: Path = PREPARED_DIR, report_path: Path = DATA_REPORT) -> dict:
+    """Build the cache in a temp folder and rename it into place; returns the data report."""
+    cfg = params.prepare
+    recover(raw_dir)  # a fetch_data killed mid-swap left the previous folder aside
+    if not raw_json.exists():
+        raise PipelineError(f"{raw_json}: missing; run the fetch_data stage first")
+    raw = read_json(raw_json)
+    classes, items = list_images(raw_dir, raw["layout"])
+    if not classes:
+        raise PipelineError(f"{raw_dir}: no class folders with images")
+    unknown = sorted({c for s, c, _ in items if c not in classes})
+    if unknown:
+        raise PipelineError(f"{raw_dir}/test has classes that train lacks: {', '.join(unknown)}")
+    index = {c: i for i, c in enumerate(classes)}
+    rels = [rel for _, _, rel in items]
+    labels = np.array([index[c] for _, c, _ in items], dtype=np.int64)
+    source_split = np.array([s for s, _, _ in items])
+    trainable = source_split != "test"
+    # Fail before decoding anything when the files alone are too few, or the disk too small.
+    check_class_counts({c: int(((labels == i) & trainable).sum()) for c, i in index.items()},
+                       cfg.min_images_per_class, f"in {raw_dir}")
+    require_free(out_dir.parent, output_bytes(len(rels), cfg),
+                 f"{out_dir} ({len(rels)} images of {cfg.channels}x{cfg.image_size}x{cfg.image_size})")
+    try:
+        parts, quarantined, mean, std = build_cache(params, raw, Listing(classes, rels, labels, source_split),
+                                                    raw_dir, out_dir)
+    except OSError as e:  # a full or failing disk: the temp folder is removed, the previous cache kept
+        raise PipelineError(f"{out_dir}: writing the prepared data failed: {e}") from None
+    if quarantined:
+        log.warning("quarantined %d of %d files (reasons in %s)", len(quarantined), len(rels), report_path)
 
     report = {
         "classes": classes,

@@ -44,9 +44,11 @@ def materialize(cfg: Data, work: Path) -> dict:
     elif kind == "torchvision":
         export_torchvision(cfg.source.split(":", 1)[1], Path(cfg.torchvision_root), work)
     elif kind == "url":
-        archive = download(cfg.source, Path(cfg.download_dir), cfg.sha256, cfg.timeout_s)
-        info["archive_sha256"] = sha256_file(archive)
-        extract(archive, work, cfg)
+        got = download(cfg)
+        if got.final_url is not None:  # downloaded now (not from the cache): where the redirects led
+            info["final_url"] = redact(got.final_url)
+        info["archive_sha256"] = sha256_file(got.path)
+        extract(got.path, work, cfg)
     else:
         path = Path(cfg.source).expanduser()
         if not path.exists():
@@ -108,8 +110,11 @@ def export_torchvision(name: str, root: Path, out: Path) -> None:
 
 
 def copy_tree(src: Path, out: Path) -> None:
-    """Copy the visible files of `src` to `out`, following symlinks but never into a loop."""
+    """Copy the visible files of `src` to `out`, following symlinks but never into a loop, and
+    refusing a link that leaves `src` (its target's content would land in data/raw, which DVC
+    caches and pushes: a link to ~/.ssh/id_rsa or /etc/shadow would be published)."""
     seen: set[tuple[int, int]] = set()
+    root = os.path.realpath(src)
 
     def walk(folder: Path, rel: Path) -> None:
         st = folder.stat()
@@ -124,6 +129,8 @@ def copy_tree(src: Path, out: Path) -> None:
             if is_hidden(entry.name):
                 continue
             path = Path(entry.path)
+            if entry.is_symlink():
+                _check_link(path, root, src)
             try:
                 if entry.is_dir():
                     walk(path, rel / entry.name)
@@ -137,6 +144,13 @@ def copy_tree(src: Path, out: Path) -> None:
 
     with progress(f"copy {src}", unit="files") as bar:
         walk(src, Path())
+
+
+def _check_link(path: Path, root: str, src: Path) -> None:
+    target = os.path.realpath(path)  # a link loop resolves to itself here, and is skipped later
+    if os.path.commonpath([target, root]) != root:
+        raise FetchError(f"data.source {src}: {path.relative_to(src)} is a link to {target}, outside the "
+                         "source folder (not allowed: copy the file in instead)")
 
 
 # -- layout ---------------------------------------------------------------------------------------

@@ -33,6 +33,13 @@ CASES = {
                  ["'circle/evil.png'", "special file"]),
     "zip_bomb_ratio": ("zip", lambda t: {"circle/evil.png": bytes(4 * MiB)},
                        ["'circle/evil.png'", "data.max_compression_ratio=200 (zip bomb?)"]),
+    # 84 members of exactly 1 MiB of zeros, each ~1 kB packed: each member, and the whole archive,
+    # expand ~1000x (the per-member check once started above 1 MiB, and there was no whole-zip one).
+    "zip_bomb_many_members": ("zip", lambda t: {f"circle/evil{i}.png": bytes(MiB) for i in range(84)},
+                              ["expands", "data.max_compression_ratio=200 (zip bomb?)"]),
+    # one member of 100 KiB of zeros among good ones: the whole archive expands 5x, the member 1000x
+    "zip_bomb_small_member": ("zip", lambda t: {"circle/evil.png": bytes(100 * 1024)},
+                              ["member 'circle/evil.png' expands", "data.max_compression_ratio=200 (zip bomb?)"]),
     "zip_total_bytes": ("zip", lambda t: {}, ["data.max_archive_bytes=5000 (zip bomb?)"],
                         {"data__max_archive_bytes": 5000}),
     "zip_members": ("zip", lambda t: {}, ["24 members, over data.max_archive_members=10 (zip bomb?)"],

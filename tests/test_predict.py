@@ -92,6 +92,33 @@ def test_predict_unknown_model_and_empty_folder_fail_clearly(eval_done, tmp_path
         assert "no files found" in capsys.readouterr().err
 
 
+def test_predict_folders_given_with_dotdot_or_under_a_hidden_parent(eval_done, tmp_path, capsys):
+    """Only the parts below a given folder can hide a file: `../x/imgs` and `.cache/imgs` work, while
+    hidden entries inside them are still skipped. (Both said "no files found", exit 2.)"""
+    row = confident(eval_done, 1)[0]
+    folder = tmp_path / ".cache" / "imgs"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    shutil.copy(eval_done.path("data/raw") / row["file"], folder / "a.png")
+    (folder / ".ipynb_checkpoints" / "junk.png").write_text("hidden: skipped")
+    with inside_project(eval_done):
+        for given in (str(folder), os.path.relpath(folder, eval_done.root)):
+            assert predict.main([given]) == 0, capsys.readouterr().err
+            assert capsys.readouterr().out.startswith(f"{Path(given) / 'a.png'}: {row['predicted']} (")
+
+
+def test_predict_arguments_fail_clearly_or_work(eval_done, tmp_path, capsys):
+    """--top-k 0 is refused by name; --plot into a folder that does not exist yet creates it (was a
+    traceback)."""
+    image = str(eval_done.path("data/raw") / confident(eval_done, 1)[0]["file"])
+    plot = tmp_path / "new" / "folder" / "out.png"
+    with inside_project(eval_done):
+        with pytest.raises(SystemExit) as refused:
+            predict.main([image, "--top-k", "0"])
+        assert refused.value.code == 2 and "--top-k: 0 is not >= 1" in capsys.readouterr().err
+        assert predict.main([image, "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_pyfunc_champion_answers_images_with_class_names(eval_done):
     """The registered model's pyfunc: image files (base64) and float pixels in, class names out; a bad
     row is answered with its error and the others all the same."""

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import ssl
 import time
+from pathlib import Path
 import urllib.error
 import urllib.request
 
@@ -15,6 +18,7 @@ import pytest
 from helpers.mlflow_server import PASSWORD, USER, Server, free_port
 from helpers.project import REPO
 from helpers.race import run_trials
+from helpers.tls import self_signed
 
 FAST = dict(prepare__image_size=8, prepare__min_images_per_class=3, train__epochs=2, train__hidden_units=4)
 
@@ -28,12 +32,12 @@ def server(tmp_path_factory):
     server.stop()
 
 
-def _get(url: str, auth: bool) -> int:
+def _get(url: str, auth: bool, context: ssl.SSLContext | None = None) -> int:
     req = urllib.request.Request(url + "/api/2.0/mlflow/experiments/search?max_results=10")
     if auth:
         req.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=60, context=context) as resp:
             return resp.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -54,6 +58,58 @@ def test_server_command_needs_credentials():
     assert argv[argv.index("--host") + 1] == "127.0.0.1"  # loopback unless told otherwise
     assert "--allowed-hosts" in argv and "--artifacts-destination" in argv
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == secret and secret not in ini and secret not in " ".join(argv)
+
+
+def machine_ip() -> str:
+    """A non-loopback IPv4 address of this machine, as a teammate would reach it."""
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    pytest.skip("this machine has no non-loopback IPv4 address")
+
+
+def test_team_server_reachable_by_ip_over_tls(tmp_path):
+    """`make server` as the README's team example (MLFLOW_SERVER_HOST=0.0.0.0), with TLS: a request
+    by the machine's IP is served (was 403 Invalid Host header); a `%` in MLFLOW_AUTH_DB_URI works
+    (was a configparser crash); the backend store URI is on no command line; the auth config file
+    is gone once the server stops (was left in the temp folder)."""
+    ip = machine_ip()
+    cert, key = self_signed(tmp_path / "tls", ip)
+    temp, home = tmp_path / "temp", tmp_path / "server"
+    temp.mkdir()
+    server = Server(home, MLFLOW_SERVER_HOST="0.0.0.0", MLFLOW_TLS_CERTFILE=str(cert), MLFLOW_TLS_KEYFILE=str(key),
+                    MLFLOW_AUTH_DB_URI=f"sqlite:///{home}/auth-p%25w.db", TMPDIR=str(temp),
+                    MLFLOW_WORKERS="1",  # MLflow's own variable: one worker starts in a quarter of the time
+                    MLFLOW_BACKEND_STORE_URI=f"sqlite:///{home}/backend-secret-marker.db")
+    server.start(as_make_server=True)
+    try:
+        by_ip = f"https://{ip}:{server.port}"
+        statuses = (_get(by_ip, auth=True, context=server.context), _get(by_ip, auth=False, context=server.context))
+        cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in server.processes()]
+        running = list(temp.glob("mlflow-auth-*.ini"))
+    finally:
+        server.stop()
+    assert statuses == (200, 401)
+    assert len(cmdlines) >= 3 and not any(b"secret-marker" in c for c in cmdlines), cmdlines
+    assert len(running) == 1 and list(temp.glob("mlflow-auth-*.ini")) == []
+    assert list(home.glob("auth-p*.db")) and list(home.glob("backend-secret-marker.db"))
+
+
+def test_server_settings_are_checked():
+    from pipeline.server import server_command
+
+    base = {"MLFLOW_TRACKING_USERNAME": "a", "MLFLOW_TRACKING_PASSWORD": "b"}
+    with pytest.raises(SystemExit, match="MLFLOW_DEFAULT_PERMISSION=WRITE"):
+        server_command({**base, "MLFLOW_DEFAULT_PERMISSION": "WRITE"})
+    with pytest.raises(SystemExit, match="MLFLOW_TLS_KEYFILE"):
+        server_command({**base, "MLFLOW_TLS_CERTFILE": "cert.pem"})
+    argv, _, ini = server_command({**base, "MLFLOW_ALLOWED_HOSTS": "mlflow.example.com"})
+    allowed = argv[argv.index("--allowed-hosts") + 1].split(",")
+    assert "default_permission = READ" in ini and "mlflow.example.com" in allowed and "127.0.0.1:5000" in allowed
+    assert socket.gethostname() not in allowed  # loopback only: the machine's names are not needed
 
 
 def test_train_and_evaluate_against_server(server, project, monkeypatch):

@@ -9,9 +9,12 @@ import json
 import os
 import time
 
+import subprocess
+import sys
+
 import numpy as np
 
-from helpers.images import make_images
+from helpers.images import huge_grey16_png, make_images
 from helpers.checks import error_line, lines_with
 from helpers.images import SPECIAL  # the special files' writers and the checks of their decoded pixels
 
@@ -114,3 +117,32 @@ def test_bad_image_folder_end_to_end(project, fault_log):
                      f"prepare: {sum(report['images'].values())} images, {len(quarantined)} quarantined; "
                      f"train exit 0, {summary['stopped_epoch']} epochs, best val_acc {summary['best_val_acc']:.3f}, "
                      "models/model.pt written")
+
+
+PEAK_RSS_MB = 500  # prepare's peak resident memory on one 88.4 M-pixel 16-bit PNG (2.4 GB before)
+
+
+def test_huge_16bit_png_decodes_in_bounded_memory(data_project, fault_log):
+    """A 16-bit greyscale PNG of 88.4 M pixels (~190 kB, under prepare.max_image_pixels): prepare
+    decodes it, scaled, with a peak resident memory a small multiple of the decoded image (177 MB)."""
+    src = make_images(data_project.path("data/sources/big"), per_class=4, size=S)
+    huge = huge_grey16_png(src / "circle" / "huge16.png", value=32768)
+    data_project.set(data__source="data/sources/big", prepare__image_size=S, prepare__min_images_per_class=2)
+    data_project.run("fetch_data")
+    # tools.memwatch runs the stage in its own process and prints that process's VmHWM at exit
+    proc = subprocess.run([sys.executable, "-m", "tools.memwatch", "pipeline.prepare"], cwd=data_project.root,
+                          env=data_project.env(), capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    peak_mb = int(next(ln for ln in proc.stdout.splitlines() if ln.startswith("VmHWM:")).split()[1]) / 1024
+    report = json.loads(data_project.path("reports/data.json").read_text())
+    assert report["quarantined"] == []
+    where = {f: (split, i) for split in ("train", "val", "test") for i, (f, _) in enumerate(rows(data_project, split))}
+    split, i = where["circle/huge16.png"]
+    pixels = np.load(data_project.path(f"data/prepared/{split}.npy"), mmap_mode="r")[i]
+    assert (np.asarray(pixels) == 128).all()  # 32768 of 65535 scaled to 0..255, rounded: 128
+    print(f"prepare peak RSS (VmHWM): {peak_mb:.0f} MB")
+    assert peak_mb < PEAK_RSS_MB, f"prepare peaked at {peak_mb:.0f} MB"
+    fault_log.record(AREA, f"a 16-bit greyscale PNG of 9400x9400 px ({huge.stat().st_size // 1000} kB on disk, "
+                     "under prepare.max_image_pixels)",
+                     f"decoded and scaled (every pixel 32768 -> 128), not quarantined; prepare's peak RSS "
+                     f"(VmHWM) {peak_mb:.0f} MB, under {PEAK_RSS_MB} MB")

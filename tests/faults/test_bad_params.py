@@ -24,7 +24,7 @@ KEYS = [f"{section}.{key}" for section, values in PARAMS.items() for key in valu
 OUT_OF_RANGE = {
     "base.seed": -1, "base.device": "gpu",
     "data.source": "builtin:mnist", "data.sha256": "abc123", "data.torchvision_root": None,
-    "data.download_dir": None, "data.timeout_s": 0, "data.max_archive_bytes": 0, "data.max_archive_members": 0,
+    "data.download_dir": None, "data.timeout_s": 0, "data.download_deadline_s": 0, "data.max_archive_bytes": 0, "data.max_archive_members": 0,
     "data.max_compression_ratio": -1.0,
     "prepare.image_size": 2, "prepare.channels": 2, "prepare.val_fraction": 0.95, "prepare.test_fraction": 0.0,
     "prepare.min_images_per_class": 1, "prepare.max_image_pixels": 0,

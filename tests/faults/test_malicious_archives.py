@@ -4,14 +4,16 @@ data/raw/ and data/raw.json stay as they were. (tests/test_archives.py has the f
 
 from __future__ import annotations
 
+import sys
 import tarfile
 
+import numpy as np
 import pytest
 
-from helpers.files import raw_state
+from helpers.files import leftovers, raw_state, snapshot
 from helpers.checks import error_line
-from helpers.files import leftovers
-from helpers.archives import MiB, assert_nothing_escaped, build, outside, tar_info, zip_info
+from helpers.archives import MiB, assert_nothing_escaped, build, good_members, outside, tar_info, write_zip, zip_info
+from helpers.disk import run_on_small_disk
 
 AREA = "Malicious archives"
 S_IFLNK = 0o120000
@@ -31,6 +33,12 @@ CASES = {
                   lambda t: {tar_info("circle/evil.png", tarfile.LNKTYPE, "/etc/passwd"): None}, "is a hard link"),
     "zip-bomb": ("zip bomb: a 4 MiB member of zeros (~4 kB compressed)", "zip",
                  lambda t: {"circle/evil.png": bytes(4 * MiB)}, "over data.max_compression_ratio=200 (zip bomb?)"),
+    "zip-of-1MiB-members": ("zip bomb of 84 members of exactly 1 MiB of zeros (~100 kB zip, 930x in all)", "zip",
+                            lambda t: {f"circle/evil{i}.png": bytes(MiB) for i in range(84)},
+                            "over data.max_compression_ratio=200 (zip bomb?)"),
+    "zip-small-member-bomb": ("zip with one 100 KiB member of zeros (1000x; the archive as a whole 5x)", "zip",
+                              lambda t: {"circle/evil.png": bytes(100 * 1024)},
+                              "member 'circle/evil.png' expands"),
     "device-file": ("tar.gz with a character device member (/dev/null's numbers)", "tar.gz",
                     lambda t: {tar_info("circle/evil.png", tarfile.CHRTYPE): None}, "is a device file"),
 }
@@ -54,3 +62,22 @@ def test_hostile_archive_is_refused_by_the_stage(fetched, tmp_path, fault_log, c
                      f"exit {proc.returncode}: '{line.split(' pipeline: ', 1)[-1]}'; data/raw and data/raw.json "
                      "byte-identical; no temp folder left; no evil* file anywhere under the test's folder nor "
                      "outside it")
+
+
+def test_archive_larger_than_the_free_disk_is_refused(fetched, tmp_path, fault_log):
+    """An archive whose content (incompressible, under every ratio bound) is larger than the disk of
+    data/ has free: refused before a byte is extracted, naming the archive; data/raw kept."""
+    random = np.random.default_rng(0)
+    members = {**good_members(tmp_path), **{f"circle/big{i}.png": random.bytes(MiB) for i in range(6)}}
+    archive = write_zip(tmp_path / "big.zip", members)  # outside data/, which the small disk replaces
+    fetched.set(data__source=str(archive))
+    before = raw_state(fetched)
+    proc, after = run_on_small_disk(fetched, 4 * MiB, tmp_path / "disk", sys.executable, "-m", "pipeline.fetch_data")
+    line = error_line(proc.stderr)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(archive) in line and "bytes free on the disk" in line, line
+    assert (snapshot(after / "raw"), (after / "raw.json").read_bytes()) == before
+    assert leftovers(after) == []
+    fault_log.record(AREA, "zip of 6 MiB of random bytes (no ratio bound applies) extracted onto a 4 MiB disk",
+                     f"exit {proc.returncode}: '{line.split(' pipeline: ', 1)[-1]}'; nothing extracted, "
+                     "data/raw and data/raw.json byte-identical, no temp folder left")

@@ -16,6 +16,7 @@ import pytest
 
 from helpers.checks import error_line, lines_with
 from helpers.mlflow_server import Server, free_port
+from helpers.project import REPO
 from helpers.training import EPOCH_KEYS, EPOCH_METRICS, read_checkpoint, wait_for_checkpoint
 from pipeline.tracking import SQLITE_BUSY_TIMEOUT_S
 
@@ -298,3 +299,42 @@ def test_evaluate_of_a_run_not_in_this_store_says_what_to_do(eval_trained, tmp_p
     assert not p.path("reports/metrics.json").exists()
     fault_log.record(AREA, "evaluate against a tracking store that lacks reports/train.json's run",
                      f"exit 1: '{line.split('error: ', 1)[-1]}'")
+
+
+# A registry call as evaluate makes them (pipeline.registry), in a process with the stages' signal
+# handlers: SIGINT arrives while the call waits for the tracking server's answer.
+REGISTRY_CALL = """
+import signal, sys, time
+from pipeline import cli, registry
+
+signal.signal(signal.SIGINT, cli._on_signal)
+try:
+    registry.versions("image-classifier")
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_registry_call_finishes_before_an_interrupt(http_server, fault_log):
+    """SIGINT during a model-registry call (evaluate registers, reads and tags versions): the call
+    completes, then the process stops, so no registry request is cut half-way."""
+    http_server.serve("/api/2.0/mlflow/model-versions/search", b'{"model_versions": []}', "held")
+    proc = subprocess.Popen([sys.executable, "-c", REGISTRY_CALL], env={**os.environ, "PYTHONPATH": str(REPO),
+                            "MLFLOW_TRACKING_URI": http_server.url("")}, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not http_server.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http_server.requests, "the registry call never reached the server"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)  # an unshielded call would hang up now
+        http_server.release.set()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in out, (proc.returncode, out)
+    assert http_server.answered == [True]  # the call was still there to read the answer
+    fault_log.record(AREA, "SIGINT while a model-registry call (search_model_versions) waits for the server",
+                     "the call completed when the server answered, then the process exited 130")

@@ -17,8 +17,8 @@ from pathlib import Path
 from helpers.project import REPO
 
 REPORT = REPO / "reports" / "faults.md"
-AREAS = ("Interruptions", "Bad images", "Malicious archives", "Download faults", "Tracking faults",
-         "Corruption", "Bad params")
+AREAS = ("Interruptions", "Bad images", "Malicious archives", "Local sources", "Download faults", "Tracking faults",
+         "Disks and crashes", "Corruption", "Bad params", "Predict inputs")
 _STARTED = time.monotonic()
 
 

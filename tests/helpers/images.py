@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +106,22 @@ def grey16_png(path: Path) -> None:
     Image.fromarray(a).save(path)
     with Image.open(path) as img:
         assert img.mode.startswith("I;16")  # really 16-bit on disk
+
+
+def huge_grey16_png(path: Path, width: int = 9400, height: int = 9400, value: int = 32768) -> Path:
+    """A 16-bit greyscale PNG of width x height pixels, all `value`, written row by row with zlib (PIL
+    would build the whole image in memory first): 88.4 M pixels, just under PIL's decompression-bomb
+    limit, compress to about 170 KB."""
+    row = b"\x00" + value.to_bytes(2, "big") * width  # filter type 0, then big-endian samples
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)  # 16-bit, greyscale, no interlace
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
 
 
 def corner_jpeg(path: Path, orientation: int | None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -30,7 +31,10 @@ class Server:
         """`settings`: more of pipeline.server's environment variables (MLFLOW_BACKEND_STORE_URI, ...)."""
         self.home, self.port = home, free_port()
         home.mkdir(parents=True, exist_ok=True)
-        self.url = f"http://127.0.0.1:{self.port}"
+        tls = "MLFLOW_TLS_CERTFILE" in settings
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        # with TLS, requests trust the server's own (self-signed) certificate
+        self.context = ssl.create_default_context(cafile=settings["MLFLOW_TLS_CERTFILE"]) if tls else None
         self.settings = {
             "MLFLOW_SERVER_PORT": str(self.port),
             "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{home / 'server.db'}",
@@ -62,7 +66,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}: {self.log()}")
             try:
-                urllib.request.urlopen(self.url + "/health", timeout=2).close()
+                urllib.request.urlopen(self.url + "/health", timeout=2, context=self.context).close()
                 self.starts.append(time.monotonic() - began)
                 return
             except (urllib.error.URLError, OSError):
@@ -77,6 +81,17 @@ class Server:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
             self.proc.wait(timeout=60)
+
+    def processes(self) -> list[int]:
+        """The pids of the server's process group (`make server`'s process, mlflow's, uvicorn's)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and os.getpgid(int(entry.name)) == self.proc.pid:
+                    pids.append(int(entry.name))
+            except OSError:  # exited meanwhile
+                pass
+        return pids
 
     def client_env(self, **extra) -> dict:
         return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": USER,
