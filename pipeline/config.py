@@ -26,6 +26,7 @@ AUGMENTATIONS = ("flip", "crop", "resized_crop", "trivialaugment")  # kept in sy
 # not import torch: fetch_data and prepare stay light (prepare's peak memory is the benchmark's).
 MODEL_NAMES = ("tinyvgg", "vgg11_bn", "vgg16", "vgg16_bn", "resnet18", "efficientnet_b0",
                "mobilenet_v3_small", "mobilenet_v3_large")
+TIMM_PREFIX = "timm/"  # timm/<name>: any timm model, checked against timm's list when train builds it
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class Train:
     scheduler: Literal["none", "cosine", "onecycle"]
     label_smoothing: float
     augment: tuple[str, ...]
+    feature_cache: bool
+    feature_views: int
     patience: int
     monitor: Literal["val_loss", "val_acc"]
     min_delta: float
@@ -115,8 +118,8 @@ class Train:
     checkpoint_dir: str
 
     def check(self) -> None:
-        if self.model not in MODEL_NAMES:
-            _fail("train.model", self.model, "one of " + ", ".join(MODEL_NAMES))
+        if self.model not in MODEL_NAMES and not (self.model.startswith(TIMM_PREFIX) and len(self.model) > len(TIMM_PREFIX)):
+            _fail("train.model", self.model, "one of " + ", ".join(MODEL_NAMES) + f", or {TIMM_PREFIX}<a timm model>")
         _range("train.hidden_units", self.hidden_units, 1, 4096)
         _range("train.dropout", self.dropout, 0.0, 0.95)
         _range("train.unfreeze_last", self.unfreeze_last, 1, 1000)
@@ -128,6 +131,7 @@ class Train:
         for name in self.augment:
             if name not in AUGMENTATIONS:
                 _fail("train.augment", name, "a list of " + ", ".join(AUGMENTATIONS))
+        _range("train.feature_views", self.feature_views, 1, 1000)
         _range("train.patience", self.patience, 1, 100000)
         _range("train.min_delta", self.min_delta, 0.0, 1e9)
         _range("train.nproc", self.nproc, 1, 1024)

@@ -72,6 +72,19 @@ class Learner:
         self.model = self.model or self.net
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """How batches of the training data become model input: `train` (random, from the learner's
+    generator) and `eval`. Images: augmentation and normalisation; cached features: pick a view."""
+
+    train: Transform
+    eval: Transform
+
+
+def image_inputs(norm: Norm, augment: tuple[str, ...], generator: torch.Generator) -> Inputs:
+    return Inputs(train_transforms(norm, augment, generator), eval_transforms(norm))
+
+
 def make_optimizer(cfg: Train, net: nn.Module, steps: int):
     """Optimizer over trainable parameters only (frozen ones get no state), and a per-batch
     scheduler over `steps` batches in all."""
@@ -115,7 +128,7 @@ def train_one_epoch(learner: Learner, images: torch.Tensor, labels: torch.Tensor
     for i in tqdm(batches, desc=desc, leave=False, disable=not sys.stderr.isatty()):
         x, y = _batch(images, labels, order[i:i + batch_size], rt)
         x = transform(x)
-        if rt.channels_last:
+        if rt.channels_last and x.dim() == 4:  # images; cached features are vectors
             x = x.contiguous(memory_format=torch.channels_last)
         with rt.autocast():
             logits = learner.model(x)
@@ -148,7 +161,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, transform: Transform,
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(rt.device, non_blocking=True)
         x = transform(x)
-        if rt.channels_last:
+        if rt.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with rt.autocast():
             out.append(model(x).float())
@@ -217,15 +230,14 @@ class TrainState:
     run_id: str | None = None  # the MLflow run, resumed with the checkpoint
 
 
-def fit(cfg: Train, learner: Learner, data: TrainData, norm: Norm, state: TrainState,
+def fit(cfg: Train, learner: Learner, data: TrainData, inputs: Inputs, state: TrainState,
         on_epoch: Callable[[TrainState], None]) -> tuple[TrainState, str]:
     """Train from `state.epoch` until train.epochs or early stopping; `on_epoch(state)` runs after
     each epoch (checkpoint, tracking). Returns the final state and why training stopped."""
     stopper = EarlyStopper(cfg.monitor, cfg.patience, cfg.min_delta)
     if state.stopper:
         stopper.load_state_dict(state.stopper)
-    augment = train_transforms(norm, cfg.augment, learner.generator)
-    plain = eval_transforms(norm)
+    augment, plain = inputs.train, inputs.eval
     reason = f"reached train.epochs={cfg.epochs}"
     while state.epoch < cfg.epochs:
         if stopper.should_stop:

@@ -2,6 +2,7 @@
 classes, 1 or 3 input channels and any image size, optionally with pretrained weights, and
 `apply_finetune` freezes what `train.finetune` says. torchvision models keep their own structure;
 only the first conv (for 1 channel) and the classifier (for the number of classes) are replaced.
+`timm/<name>` is any timm model (pipeline/timm_models.py), built and split into blocks by timm itself.
 
 ModelConfig is what rebuilds a trained network and its input handling; Classifier is the served
 model (normalisation inside, probabilities out)."""
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import timm_models
 from pipeline.config import MODEL_NAMES
 from pipeline.errors import PipelineError
 
@@ -155,15 +157,39 @@ def _set(module: nn.Module, path: str, new: nn.Module) -> None:
         setattr(owner, last, new)
 
 
+TIMM_MIN_SIZE = 32  # timm's ImageNet models downsample 32x, like torchvision's
+
+
+def spec_of(name: str, core: nn.Module) -> Spec:
+    """The Spec of registry entry `name`, or of the built timm model `core` (unwrapped)."""
+    if timm_models.is_timm(name):
+        return Spec(timm_models.first_conv(core), timm_models.head_path(core), timm_models.blocks, TIMM_MIN_SIZE)
+    return ARCHITECTURES[name]
+
+
 def build_model(name: str, num_classes: int, channels: int, image_size: int, *, hidden_units: int,
                 batch_norm: bool, dropout: float, pretrained: dict | None = None) -> nn.Module:
-    """Build registry entry `name`. `pretrained` is a state dict for the architecture as torchvision
-    (or an earlier run of this pipeline) saved it; its classifier is dropped when shapes differ."""
+    """Build registry entry `name` (or `timm/<name>`). `pretrained` is a state dict for the
+    architecture as torchvision, timm (or an earlier run of this pipeline) saved it; its classifier is
+    dropped when shapes differ."""
+    if timm_models.is_timm(name):
+        net: nn.Module = timm_models.create(name, num_classes, channels)
+        if pretrained is not None:
+            state = {k.removeprefix("net."): v for k, v in pretrained.items()}
+            skipped = _load_matching(net, timm_models.adapt_state(net, state), name)
+            head = net.get_classifier()
+            if isinstance(head, nn.Linear) and any(k.startswith(timm_models.head_path(net) + ".") for k in skipped):
+                # A new classifier as torchvision models get one (nn.Linear's init): timm's own init
+                # (EfficientNet's: uniform over 1/sqrt(num_classes)) starts 3 classes on pretrained
+                # features at a loss of 5 instead of 1.1, and a short head training never recovers.
+                head.reset_parameters()
+        return MinSize(net, TIMM_MIN_SIZE) if image_size < TIMM_MIN_SIZE else net
     if name not in ARCHITECTURES:
-        raise PipelineError(f"unknown model {name!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
+        raise PipelineError(f"unknown model {name!r}; choose one of {', '.join(sorted(ARCHITECTURES))} "
+                            f"or timm/<any timm model>")
     spec = ARCHITECTURES[name]
     if name == "tinyvgg":
-        net: nn.Module = TinyVGG(channels, num_classes, image_size, hidden_units, batch_norm, dropout)
+        net = TinyVGG(channels, num_classes, image_size, hidden_units, batch_norm, dropout)
         if pretrained is not None:
             _load_matching(net, pretrained, name)
         return net
@@ -187,8 +213,9 @@ def build_model(name: str, num_classes: int, channels: int, image_size: int, *, 
     return MinSize(net, spec.min_size) if image_size < spec.min_size else net
 
 
-def _load_matching(net: nn.Module, state: dict, name: str) -> None:
-    """Load every tensor whose name and shape match; a differing classifier is left new."""
+def _load_matching(net: nn.Module, state: dict, name: str) -> list[str]:
+    """Load every tensor whose name and shape match; a differing classifier is left new. Returns
+    the names of the tensors left as they were."""
     own = net.state_dict()
     state = {k.removeprefix("net."): v for k, v in state.items()}
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -199,10 +226,18 @@ def _load_matching(net: nn.Module, state: dict, name: str) -> None:
     if skipped:
         log.info("pretrained weights: %d tensors left newly initialised: %s", len(skipped), ", ".join(skipped[:6]))
     net.load_state_dict(usable, strict=False)
+    return skipped
 
 
 def unwrap(net: nn.Module) -> nn.Module:
     return net.net if isinstance(net, MinSize) else net
+
+
+def head_name(net: nn.Module, name: str) -> str:
+    """The dotted name, in the unwrapped network, of its final classifier (negative indices resolved)."""
+    core = unwrap(net)
+    head = _get(core, spec_of(name, core).head)
+    return next(n for n, m in core.named_modules() if m is head)
 
 
 def apply_finetune(net: nn.Module, name: str, mode: str, unfreeze_last: int) -> list[nn.Module]:
@@ -212,7 +247,7 @@ def apply_finetune(net: nn.Module, name: str, mode: str, unfreeze_last: int) -> 
     if mode == "full":
         return []
     core = unwrap(net)
-    spec = ARCHITECTURES[name]
+    spec = spec_of(name, core)
     blocks = spec.blocks(core)
     frozen = blocks if mode == "head" else blocks[:max(len(blocks) - unfreeze_last, 0)]
     for block in frozen:
@@ -241,7 +276,7 @@ class ModelConfig:
     """What rebuilds a trained network and its input handling, saved with the weights (models/model.pt,
     the logged model) so that evaluate, predict and serving cannot drift from training."""
 
-    model: str  # a key of ARCHITECTURES
+    model: str  # a key of ARCHITECTURES or timm/<name>
     channels: int
     image_size: int
     hidden_units: int  # TinyVGG's options; the others ignore them

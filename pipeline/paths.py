@@ -6,6 +6,7 @@ SOURCES_DIR = Path("data/sources")  # a fetch_data dep: local sources kept here 
 RAW_DIR = Path("data/raw")
 RAW_JSON = Path("data/raw.json")
 PREPARED_DIR = Path("data/prepared")
+FEATURE_CACHE_DIR = Path("data/features")  # train's frozen-feature cache (pipeline/features.py); not a DVC output
 DATA_REPORT = Path("reports/data.json")
 MODEL_PATH = Path("models/model.pt")
 TRAIN_JSON = Path("reports/train.json")  # the run: its id, logged model, stop reason, timings

