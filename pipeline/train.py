@@ -30,15 +30,44 @@ import torch
 from torch import nn
 
 from pipeline import distributed, features, plots, provenance, tracking
-from pipeline.checkpoint import CHECKPOINT_NAME, fingerprint, load_checkpoint, restore, save_checkpoint
+from pipeline.checkpoint import (
+    CHECKPOINT_NAME,
+    fingerprint,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from pipeline.cli import run_stage
 from pipeline.config import Params, Train
 from pipeline.dataset import DatasetMeta
-from pipeline.engine import Inputs, Learner, TrainData, TrainState, fit, image_inputs, load_train_data, make_optimizer
+from pipeline.engine import (
+    Inputs,
+    Learner,
+    TrainData,
+    TrainState,
+    fit,
+    image_inputs,
+    load_train_data,
+    make_optimizer,
+)
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, remove, write_json
-from pipeline.models import Classifier, ModelConfig, apply_finetune, build_from_config, head_name, unwrap
-from pipeline.paths import HISTORY_CSV, LOSS_PNG, MODEL_PATH, PREPARED_DIR, TRAIN_JSON, TRAIN_METRICS
+from pipeline.models import (
+    Classifier,
+    ModelConfig,
+    apply_finetune,
+    build_from_config,
+    head_name,
+    unwrap,
+)
+from pipeline.paths import (
+    HISTORY_CSV,
+    LOSS_PNG,
+    MODEL_PATH,
+    PREPARED_DIR,
+    TRAIN_JSON,
+    TRAIN_METRICS,
+)
 from pipeline.runtime import Runtime, prepare_model, resolve_runtime
 from pipeline.transforms import Norm
 from pipeline.urls import redact
@@ -167,6 +196,7 @@ def _train(params: Params) -> None:
         rt = Runtime(distributed.init(rt.device), rt.amp_dtype, rt.channels_last)
     main_rank = distributed.is_main()
     data = load_train_data(rt)
+    example = data.train_x[0].cpu().numpy()  # an image of the training data: the logged model's input example
     torch.manual_seed(seed)  # model initialisation and dropout, the same on every rank
     random.seed(seed)
     np.random.seed(seed)
@@ -198,8 +228,7 @@ def _train(params: Params) -> None:
         if cached:  # the head's best weights, in the whole network: what is saved and logged
             state.best_state = features.full_state(network.net, cfg.model, state.best_state)
         if main_rank:
-            summary = _finish(network.net if cached else learner.net, network.config, state, reason,
-                              data.train_x[0].cpu().numpy())
+            summary = _finish(network.net if cached else learner.net, network.config, state, reason, example)
             if cached:
                 summary.update(feature_info)
                 tracking.set_tags({"train.feature_cache": feature_info["feature_cache"]})

@@ -5,6 +5,7 @@ anything."""
 from __future__ import annotations
 
 import socket
+import urllib.request
 
 import pytest
 from helpers import fault_report
@@ -96,6 +97,11 @@ def offline(monkeypatch):
         monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    # urllib's default opener keeps the proxies it saw when first used: one built now would send
+    # every later request of this test process to the closed port (the settings above are undone)
+    urllib.request.install_opener(None)
+    yield
+    urllib.request.install_opener(None)
 
 
 # -- trained projects, shared read-only by the evaluate, promotion, predict and MLproject tests ------

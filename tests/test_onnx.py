@@ -1,14 +1,18 @@
 """The ONNX export logged beside every model (serving.export_onnx): onnxruntime gives the PyTorch
-model's probabilities, for any batch size, and the file alone is enough to predict with."""
+model's probabilities, for any batch size, and the file alone is enough to predict with; a timm model
+logged, served and loaded back by its name."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from pipeline import predict, serving
+from pipeline import predict, registry, serving, tracking
 from pipeline.models import Classifier, ModelConfig, build_from_config
 
 CLASSES = ("pizza", "steak", "sushi")
@@ -42,7 +46,7 @@ def sharpened(name: str, channels: int, size: int) -> Classifier:
 
 
 @pytest.mark.parametrize("name,channels,size", [("tinyvgg", 1, 28), ("mobilenet_v3_small", 3, 64),
-                                                ("resnet18", 3, 32)])
+                                                ("resnet18", 3, 32), ("timm/mobilenetv3_small_050", 3, 64)])
 def test_onnx_probabilities_equal_pytorch(name, channels, size, tmp_path):
     model = sharpened(name, channels, size)
     path = tmp_path / "model.onnx"
@@ -74,3 +78,28 @@ def test_onnx_file_without_the_config_is_refused(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(Exception, match="junk.onnx: not a readable ONNX model"):
         predict.from_onnx(tmp_path / "junk.onnx")
+
+
+def test_a_timm_model_logged_is_served_and_loaded_back_by_its_name(tmp_path, mlflow_template):
+    """The logged model holds no code of the network: serving.py and registry.load_model rebuild
+    `timm/<name>` from its config, and answer as the model that was logged."""
+    import mlflow
+
+    model = sharpened("timm/mobilenetv3_small_050", 3, 64)
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        example = (np.random.default_rng(0).random((3, 64, 64)) * 255).astype(np.uint8)
+        with mlflow.start_run():
+            uri = tracking.log_model(model, example, step=0)
+        x = np.random.default_rng(1).random((4, 3, 64, 64)).astype(np.float32)
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).numpy()
+            loaded = registry.load_model(uri)(torch.from_numpy(x)).numpy()
+        served = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"pixels": list(x)}))
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert loaded == pytest.approx(want, abs=1e-6)
+    assert list(served["class"]) == [CLASSES[i] for i in want.argmax(axis=1)]
+    assert list(served["probability"]) == pytest.approx(want.max(axis=1), abs=1e-6)

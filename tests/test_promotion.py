@@ -9,8 +9,9 @@ import signal
 
 import numpy as np
 import pytest
-
+from helpers.predictions import pyfunc_probabilities
 from helpers.project import inside_project
+
 from pipeline import champion, compare, evaluate, promote
 from pipeline.cli import run_stage
 from pipeline.config import PARAMS_FILE, load_params
@@ -181,7 +182,9 @@ def test_champion_scored_on_other_data_is_rescored_on_todays_test_split(two_runs
     with open(project.path("data/prepared/test.csv")) as f:
         labels = np.array([int(line.split(",")[1]) for line in f.read().splitlines()[1:]])
     with inside_project(project):
-        probs = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(test.astype(np.float32) / 255.0)
+        classes = json.loads(project.path("data/prepared/meta.json").read_text())["classes"]
+        probs = pyfunc_probabilities(mlflow.pyfunc.load_model(f"models:/{NAME}/1"), test.astype(np.float32) / 255.0,
+                                     classes)
     expected = float((np.asarray(probs).argmax(axis=1) == labels).mean())
     assert decision["champion_score"] == pytest.approx(expected, abs=1e-6)
     v1 = client_for(project).get_model_version(NAME, "1").tags
@@ -268,7 +271,9 @@ def test_compare_sorts_runs_marks_the_champion_and_shows_only_differing_params(e
     good_run = read_json(eval_done, "reports/train.json")["run_id"]
     bad_run = read_json(two_runs, "reports/train.json")["run_id"]
     proc = two_runs.run("compare")
-    lines = proc.stdout.strip().splitlines()
+    table_text, link = proc.stdout.strip().split("\n\n")  # the table, then the runs' URL in the MLflow UI
+    assert link.startswith("in `mlflow ui`: http") and "workflowType=machine_learning" in link
+    lines = table_text.splitlines()
     header = lines[0].split()
     assert {"champion", "test_accuracy", "train.lr", "train.epochs"} <= set(header)
     assert "train.model" not in header and "train.batch_size" not in header and "base.seed" not in header
@@ -286,7 +291,7 @@ def test_compare_sorts_runs_marks_the_champion_and_shows_only_differing_params(e
 def test_compare_ranks_logged_models_by_their_test_metric(eval_done, two_runs):
     good, bad = (read_json(p, "reports/train.json")["model_uri"].removeprefix("models:/") for p in (eval_done, two_runs))
     proc = two_runs.run("compare", "--models")
-    rows = [line.split() for line in proc.stdout.strip().splitlines()[1:]]
+    rows = [line.split() for line in proc.stdout.strip().split("\n\n")[0].splitlines()[1:]]
     assert [r[0] for r in rows] == [good, bad]  # MLflow's own order: best test accuracy on this test set
     assert "*" in rows[0] and "*" not in rows[1]
     with inside_project(two_runs):

@@ -17,12 +17,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers.images import make_images, noise_images
+from helpers.predictions import pyfunc_probabilities
+from helpers.project import (
+    REPO,
+    TRAIN_FAST,
+    copy_prepared,
+    inside_project,
+    prepared_project,
+)
+from helpers.training import (
+    EPOCH_KEYS,
+    EPOCH_METRICS,
+    LEARNED,
+    assert_same_tensors,
+    history,
+    model_pt,
+    rebuild,
+    summary,
+    wait_for_checkpoint,
+)
 from torch import nn
 
-from helpers.images import make_images, noise_images
-from helpers.project import REPO, TRAIN_FAST, copy_prepared, inside_project, prepared_project
-from helpers.training import (EPOCH_KEYS, EPOCH_METRICS, LEARNED, assert_same_tensors, history, model_pt, rebuild, summary,
-                              wait_for_checkpoint)
 from pipeline.dataset import load_split
 from pipeline.engine import EarlyStopper, Learner, evaluate, train_one_epoch
 from pipeline.errors import PipelineError
@@ -336,7 +352,7 @@ def test_logged_model_and_model_pt_predict_the_same_probabilities(train_referenc
     assert cfg["classes"] == ["circle", "square", "stripes"] and cfg["channels"] == 1 and cfg["image_size"] == 12
     x = np.random.default_rng(1).random((5, 1, 12, 12), dtype=np.float32)
     with inside_project(p):
-        probs = np.asarray(mlflow.pyfunc.load_model(summary(p)["model_uri"]).predict(x))
+        probs = pyfunc_probabilities(mlflow.pyfunc.load_model(summary(p)["model_uri"]), x, cfg["classes"])
     assert probs.shape == (5, 3)
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-5) and (probs >= 0).all()
     # the config's normalisation, then the rebuilt network, then softmax: the served model's maths

@@ -33,7 +33,7 @@ OUT_OF_RANGE = {
     "train.batch_size": 0, "train.optimizer": "rmsprop", "train.lr": 0.0, "train.weight_decay": 1.5,
     "train.scheduler": "step", "train.label_smoothing": 1.0, "train.augment": ["rotate"], "train.patience": 0,
     "train.monitor": "train_loss", "train.min_delta": -0.1, "train.precision": "fp8", "train.nproc": 0,
-    "train.checkpoint_dir": None,
+    "train.checkpoint_dir": None, "train.feature_cache": None, "train.feature_views": 0,
     "evaluate.promote_metric": "auc", "evaluate.promote_min_delta": -0.5, "evaluate.batch_size": 0,
     "mlflow.experiment": "", "mlflow.registered_model": "my model/v2",
 }

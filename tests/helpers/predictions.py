@@ -31,3 +31,17 @@ def confident(project, n: int) -> list[dict]:
 def b64(path) -> str:
     """A file's bytes as a client of the served model sends them."""
     return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def pyfunc_probabilities(model, x, classes: list[str]):
+    """The served model's (a loaded pyfunc's) probabilities of every class for float images `x`
+    (N, C, H, W) in 0..1, sent as its "pixels" rows, in `classes` order."""
+    import numpy as np
+    import pandas as pd
+
+    answer = model.predict(pd.DataFrame({"pixels": list(x)}), params={"top_k": len(classes)})
+    assert answer["error"].isna().all(), list(answer["error"])
+    probs = np.zeros((len(x), len(classes)))
+    for i, (names, values) in enumerate(zip(answer["top_classes"], answer["top_probabilities"])):
+        probs[i, [classes.index(n) for n in names]] = values
+    return probs

@@ -91,7 +91,7 @@ def run_trials(env: dict, trials: int, workers: int, naive: bool = False, seed: 
             holder = client.get_model_version_by_alias(name, "champion").version
             # Versions that tie on the top score are equally best: a tie never replaces a champion,
             # so which of them holds the alias depends on who got there first.
-            results.append({"trial": trial, "final": int(holder), "best": scores[holder] == top,
+            results.append({"trial": trial, "final": int(holder), "best": scores[str(holder)] == top,
                             "scores": scores})
     finally:
         for _ in procs:
