@@ -40,10 +40,9 @@ def test_the_pipeline_against_a_postgresql_backed_server(cluster, tmp_path, monk
         project = Project.create(tmp_path / "a", **EVAL_FAST)
         for stage in ("fetch_data", "prepare"):  # they never talk to MLflow
             project.run(stage)
+        project.tracking_uri = server.url  # before cloning: the clone then uses the server too
         other = project.clone(tmp_path / "b")
         other.set(train__lr=0.01)
-        for p in (project, other):
-            p.tracking_uri = server.url
         began = time.monotonic()
         twin = other.start_stage("train", env=env)
         project.run("train", env=env)
