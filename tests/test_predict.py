@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers.predictions import b64, confident, evaluate_predictions
+from helpers.predictions import b64, confident, copy_images, evaluate_predictions
 from helpers.project import inside_project
 
 from pipeline import predict
@@ -41,10 +41,7 @@ def test_predict_one_image(eval_done):
 
 def test_predict_folder_with_bad_files_from_the_registry(eval_done, tmp_path):
     rows = confident(eval_done, 3)
-    folder = tmp_path / "mixed"
-    folder.mkdir()
-    for i, r in enumerate(rows):
-        shutil.copy(eval_done.path("data/raw") / r["file"], folder / f"good{i}.png")
+    folder = copy_images(eval_done, rows, tmp_path / "mixed", "good{i}.png")
     (folder / "notes.jpg").write_text("this is a text file with an image's name\n")
     (folder / "empty.png").write_bytes(b"")
     (folder / ".hidden.png").write_text("hidden files are skipped\n")
@@ -212,10 +209,7 @@ def test_predict_folder_to_csv_in_batches_with_error_rows(eval_done, tmp_path, m
     folder so that the batching is crossed."""
     monkeypatch.setattr(predict, "BATCH", 2)
     rows = confident(eval_done, 3)
-    folder = tmp_path / "batch"
-    folder.mkdir()
-    for i, r in enumerate(rows):
-        shutil.copy(eval_done.path("data/raw") / r["file"], folder / f"{i}-good.png")
+    folder = copy_images(eval_done, rows, tmp_path / "batch", "{i}-good.png")
     (folder / "1a-bad.png").write_text("not an image\n")
     out = tmp_path / "preds.csv"
     with inside_project(eval_done):

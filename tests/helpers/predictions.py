@@ -45,3 +45,13 @@ def pyfunc_probabilities(model, x, classes: list[str]):
     for i, (names, values) in enumerate(zip(answer["top_classes"], answer["top_probabilities"])):
         probs[i, [classes.index(n) for n in names]] = values
     return probs
+
+
+def copy_images(project, rows: list[dict], folder: Path, name: str) -> Path:
+    """Copy the test images of `rows` into a new `folder`, the i-th as `name.format(i=i)`."""
+    import shutil
+
+    folder.mkdir()
+    for i, r in enumerate(rows):
+        shutil.copy(project.path("data/raw") / r["file"], folder / name.format(i=i))
+    return folder
