@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import io
 import logging
 import os
 import sys
@@ -65,8 +64,6 @@ def describe(ref: str, params) -> Serving:
 
 def examples(model: Classifier, count: int = EXAMPLES) -> list[dict]:
     """Test images, one class after another, as PNG data URLs with their true class."""
-    from PIL import Image
-
     if not (PREPARED_DIR / "meta.json").exists():
         return []
     meta = load_meta()
@@ -83,11 +80,8 @@ def examples(model: Classifier, count: int = EXAMPLES) -> list[dict]:
             break
     out = []
     for i in picks:
-        img = np.asarray(test.images[i])
-        buf = io.BytesIO()
-        Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(buf, "PNG")
         out.append({"label": meta.classes[test.labels[i]], "file": test.files[i],
-                    "data": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()})
+                    "data": "data:image/png;base64," + serving.png_base64(np.asarray(test.images[i]))})
     return out
 
 

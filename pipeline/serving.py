@@ -127,13 +127,18 @@ def signature():
     return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("top_k", "long", TOP_K)]))
 
 
-def input_example(image: np.ndarray) -> pd.DataFrame:
-    """One request row holding a real image (uint8 (C, H, W)) as a client sends it: PNG, base64."""
+def png_base64(image: np.ndarray) -> str:
+    """A uint8 (C, H, W) image as a PNG file, base64-encoded: what a client sends as "image"."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buf, "PNG")
-    return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def input_example(image: np.ndarray) -> pd.DataFrame:
+    """One request row holding a real image (uint8 (C, H, W)) as a client sends it: PNG, base64."""
+    return pd.DataFrame({"image": [png_base64(image)]})
 
 
 def export_onnx(model: Classifier, path: Path) -> None:
