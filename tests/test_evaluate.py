@@ -86,6 +86,20 @@ def test_top5_accuracy_only_with_more_than_five_classes():
     assert five["accuracy"] == pytest.approx(0.8, abs=1e-6)  # 4 of 5 right
 
 
+def test_macro_averages_leave_out_classes_never_seen_nor_predicted():
+    # 4 classes; d is in neither the targets nor the predictions, c is predicted once but never actual.
+    #   a: tp 1, fp 0, fn 0 -> P 1, R 1, F1 1
+    #   b: tp 2, fp 0, fn 1 -> P 1, R 2/3, F1 0.8
+    #   c: tp 0, fp 1, fn 0 -> P 0, R 0 (no support), F1 0
+    #   d: left out of the macro means (it would add a 0 to each)
+    m = compute_metrics(one_hot_probs([0, 2, 1, 1], 4), torch.tensor([0, 1, 1, 1]), ["a", "b", "c", "d"])
+    assert m["precision_macro"] == pytest.approx(2 / 3, abs=1e-6)
+    assert m["recall_macro"] == pytest.approx((1 + 2 / 3) / 3, abs=1e-6)
+    assert m["f1_macro"] == pytest.approx(0.6, abs=1e-6)
+    assert m["per_class"]["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert m["accuracy"] == pytest.approx(0.75, abs=1e-6)
+
+
 def test_test_data_hash_depends_only_on_the_test_split():
     meta = {"image_size": 8, "channels": 1, "classes": ["a", "b"], "mean": [0.5], "std": [0.2], "source": None,
             "raw_sha256": None, "splits": {"train": {"count": 2, "sha256": {"train.npy": "1", "train.csv": "2"}},
