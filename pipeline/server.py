@@ -12,6 +12,7 @@ Settings come from the environment (nothing is a secret in the repo):
 | MLFLOW_ALLOWED_HOSTS | more Host headers to accept, comma-separated, `*` patterns allowed (e.g. the DNS name a reverse proxy forwards) |
 | MLFLOW_DEFAULT_PERMISSION | READ: what every user may do with experiments and models they did not create (READ, EDIT, MANAGE, NO_PERMISSIONS) |
 | MLFLOW_TLS_CERTFILE / MLFLOW_TLS_KEYFILE | unset: plain http. Both set: https (PEM files) |
+| MLFLOW_AUTH_CACHE_TTL_SECONDS | 60: a worker that has checked a user's password accepts it again for this long without hashing it anew (0: hash every request) |
 | MLFLOW_FLASK_SERVER_SECRET_KEY | random per start (set it when running several replicas) |
 | MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD | required: the admin account created on first start |
 
@@ -72,10 +73,17 @@ def auth_config(env: dict[str, str], user: str) -> str:
     permission = env.get("MLFLOW_DEFAULT_PERMISSION", "READ")
     if permission not in PERMISSIONS:
         raise SystemExit(f"error: MLFLOW_DEFAULT_PERMISSION={permission}: not one of {', '.join(PERMISSIONS)}")
+    # Checking a password hash costs 0.17 s of CPU here (scrypt) and a training run makes a request an
+    # epoch and more; MLflow's cache skips the check for credentials a worker accepted within the TTL.
+    # The price: a changed or deleted password keeps working on other workers until the TTL is out.
+    ttl = env.get("MLFLOW_AUTH_CACHE_TTL_SECONDS", "60")
+    if not ttl.isdigit():
+        raise SystemExit(f"error: MLFLOW_AUTH_CACHE_TTL_SECONDS={ttl}: expected whole seconds (0 turns the cache off)")
     values = {"default_permission": permission,
               "database_uri": env.get("MLFLOW_AUTH_DB_URI", "sqlite:///mlflow-auth.db"),
               "admin_username": user,
-              "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}
+              "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+              "auth_cache_ttl_seconds": ttl}
     return "\n".join(["[mlflow]", *(f"{k} = {v.replace('%', '%%')}" for k, v in values.items()), ""])
 
 

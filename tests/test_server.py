@@ -32,10 +32,10 @@ def server(tmp_path_factory):
     server.stop()
 
 
-def _get(url: str, auth: bool, context: ssl.SSLContext | None = None) -> int:
+def _get(url: str, auth: bool, context: ssl.SSLContext | None = None, password: str = PASSWORD) -> int:
     req = urllib.request.Request(url + "/api/2.0/mlflow/experiments/search?max_results=10")
     if auth:
-        req.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{password}".encode()).decode())
     try:
         with urllib.request.urlopen(req, timeout=60, context=context) as resp:
             return resp.status
@@ -46,6 +46,8 @@ def _get(url: str, auth: bool, context: ssl.SSLContext | None = None) -> int:
 def test_server_refuses_anonymous_requests(server):
     assert _get(server, auth=False) == 401
     assert _get(server, auth=True) == 200
+    # the user's credentials are now in the server's auth cache: a wrong password must still be refused
+    assert _get(server, auth=True, password=PASSWORD + "x") == 401
 
 
 def test_server_command_needs_credentials():
@@ -110,6 +112,10 @@ def test_server_settings_are_checked():
     allowed = argv[argv.index("--allowed-hosts") + 1].split(",")
     assert "default_permission = READ" in ini and "mlflow.example.com" in allowed and "127.0.0.1:5000" in allowed
     assert socket.gethostname() not in allowed  # loopback only: the machine's names are not needed
+    assert "auth_cache_ttl_seconds = 60" in ini
+    assert "auth_cache_ttl_seconds = 0" in server_command({**base, "MLFLOW_AUTH_CACHE_TTL_SECONDS": "0"})[2]
+    with pytest.raises(SystemExit, match="MLFLOW_AUTH_CACHE_TTL_SECONDS=1m"):
+        server_command({**base, "MLFLOW_AUTH_CACHE_TTL_SECONDS": "1m"})
 
 
 def test_train_and_evaluate_against_server(server, project, monkeypatch):
