@@ -8,31 +8,16 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from helpers.training import toy_epoch
 
 from pipeline import runtime
-from pipeline.engine import Learner, evaluate, train_one_epoch
-from pipeline.models import build_model
-from pipeline.runtime import Runtime, place, prepare_model, resolve_runtime
-from pipeline.transforms import Norm, eval_transforms
+from pipeline.runtime import Runtime, place, resolve_runtime
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)")
-NORM = Norm((0.5,), (0.25,))
 
 
-def epoch(rt: Runtime, seed: int = 0):
-    torch.manual_seed(seed)
-    net = prepare_model(build_model("tinyvgg", 3, 1, 16, hidden_units=8, batch_norm=True, dropout=0.0), rt)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 3, (64,), generator=g)
-    learner = Learner(net=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), scheduler=None,
-                      scaler=rt.grad_scaler(), loss_fn=nn.CrossEntropyLoss(), generator=g, rt=rt)
-    net.train()
-    m = train_one_epoch(learner, place(x, rt), y.to(rt.device), eval_transforms(NORM), 16)
-    m.update(evaluate(net, place(x, rt), y.to(rt.device), eval_transforms(NORM), 32, rt))
-    return net, before, m, learner
+def epoch(rt: Runtime):
+    return toy_epoch(rt, n=64, size=16, hidden=8, batch=16)
 
 
 def test_auto_picks_cuda_with_mixed_precision_and_cudnn_benchmark():

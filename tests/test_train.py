@@ -35,6 +35,7 @@ from helpers.training import (
     model_pt,
     rebuild,
     summary,
+    toy_epoch,
     wait_for_checkpoint,
 )
 from torch import nn
@@ -42,8 +43,8 @@ from torch import nn
 from pipeline.dataset import load_split
 from pipeline.engine import EarlyStopper, Learner, evaluate, train_one_epoch
 from pipeline.errors import PipelineError
-from pipeline.models import build_model, load_classifier
-from pipeline.runtime import Runtime, place, prepare_model, resolve_runtime
+from pipeline.models import load_classifier
+from pipeline.runtime import Runtime, place, resolve_runtime
 from pipeline.transforms import Norm, eval_transforms
 
 CPU = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
@@ -230,28 +231,10 @@ def test_the_mlflow_warm_up_imports_what_log_model_would_load_on_the_spot():
     assert out.stdout.strip() == "True"
 
 
-def toy_epoch(rt: Runtime, seed: int = 0):
-    """One epoch of a small TinyVGG on random 8-px data under `rt`; returns (net, before, metrics)."""
-    torch.manual_seed(seed)
-    net = prepare_model(build_model("tinyvgg", 3, 1, 8, hidden_units=4, batch_norm=True, dropout=0.0), rt)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 3, (12,), generator=g)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    net.train()
-    norm = Norm((0.5,), (0.25,))
-    lrn = Learner(net=net, optimizer=opt, scheduler=None, scaler=rt.grad_scaler(), loss_fn=nn.CrossEntropyLoss(),
-                  generator=g, rt=rt)
-    m = train_one_epoch(lrn, place(x, rt), y, eval_transforms(norm), 4)
-    m.update(evaluate(net, x, y, eval_transforms(norm), 8, rt))
-    return net, before, m
-
-
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16+scaler"])
 def test_autocast_epochs_run_on_the_cpu(amp):
     # The CUDA precisions' code paths (autocast, and for fp16 the GradScaler) exercised on the CPU.
-    net, before, m = toy_epoch(Runtime(torch.device("cpu"), amp, False))
+    net, before, m, _ = toy_epoch(Runtime(torch.device("cpu"), amp, False))
     assert all(math.isfinite(m[k]) for k in ("train_loss", "train_acc", "val_loss", "val_acc"))
     after = net.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
@@ -263,7 +246,7 @@ def test_autocast_epochs_run_on_the_cpu(amp):
 def test_channels_last_path_gives_the_same_results_on_the_cpu():
     # channels_last is what CUDA runtimes use; the code path itself runs on the CPU too.
     cl = Runtime(torch.device("cpu"), None, True)
-    net, _, m = toy_epoch(cl)
+    net, _, m, _ = toy_epoch(cl)
     assert net.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     ref = toy_epoch(CPU)[2]
     for k in ("train_loss", "train_acc", "val_loss", "val_acc"):

@@ -80,3 +80,27 @@ def wait_for_checkpoint(project, bg: Background, epoch: int, timeout: float = 30
     is skipped)."""
     watch = CheckpointWatch(project.checkpoint())
     return poll(lambda: watch.at_least(epoch), f"checkpoint of epoch {epoch}", timeout, bg, interval=0.002)
+
+
+def toy_epoch(rt, seed: int = 0, n: int = 12, size: int = 8, hidden: int = 4, batch: int = 4):
+    """One epoch of a small batch-norm TinyVGG on `n` random `size`-px images under the runtime `rt`;
+    returns (net, its state before, the epoch's metrics, the Learner)."""
+    from pipeline.engine import Learner, evaluate, train_one_epoch
+    from pipeline.models import build_model
+    from pipeline.runtime import place, prepare_model
+    from pipeline.transforms import Norm, eval_transforms
+
+    torch.manual_seed(seed)
+    net = prepare_model(build_model("tinyvgg", 3, 1, size, hidden_units=hidden, batch_norm=True, dropout=0.0), rt)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    learner = Learner(net=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), scheduler=None,
+                      scaler=rt.grad_scaler(), loss_fn=nn.CrossEntropyLoss(), generator=g, rt=rt)
+    net.train()
+    tf = eval_transforms(Norm((0.5,), (0.25,)))
+    x, y = place(x, rt), y.to(rt.device)
+    m = train_one_epoch(learner, x, y, tf, batch)
+    m.update(evaluate(net, x, y, tf, 2 * batch, rt))
+    return net, before, m, learner
