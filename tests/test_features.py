@@ -99,7 +99,7 @@ def test_augmented_views_are_drawn_once_and_picked_per_epoch(tmp_path, monkeypat
     torch.manual_seed(0)
     network = build(cfg, data.meta)
     _, feats, _ = on_features(cfg, network, data, rt, 0)
-    plain, _, _ = on_features(params(), network, data, rt, 0)[1], None, None
+    plain = on_features(params(), network, data, rt, 0)[1]
     assert feats.train_x.shape[:2] == (24, 3)
     # view 0: the image as evaluated (to rounding: the second call runs on 1 thread, see on_features)
     assert torch.allclose(feats.train_x[:, 0], plain.train_x[:, 0], rtol=1e-4, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Resuming train after `kill -9`: same MLflow run, and the same result as an uninterrupted run."""
+"""Resuming train after `kill -9`: same MLflow run, and the same result as an uninterrupted run (for a
+whole network and for a head on cached features)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,35 @@ def test_checkpoint_of_other_params_is_set_aside_and_its_run_marked_killed(train
     assert old.info.status == "KILLED" and "checkpoint was set aside" in old.data.tags["abandoned"]
     (new,) = [r for r in p.runs() if r.info.run_id != first["run_id"]]
     assert new.info.status == "FINISHED" and new.info.run_id == summary(p)["run_id"]
+
+
+def test_a_head_on_cached_features_resumes_to_the_same_result(train_data, tmp_path, mlflow_template):
+    """finetune: head on the feature cache, killed and run again: it resumes in the same MLflow run from
+    the cache the killed run wrote, and ends with the same head and curves as an uninterrupted run."""
+    epochs = 60  # head epochs on cached features take milliseconds: enough of them to kill one midway
+    head = dict(train__finetune="head", train__augment=[], train__epochs=epochs, train__patience=epochs + 1)
+    reference = copy_prepared(train_data, tmp_path / "reference", mlflow_template, **head)
+    reference.run("train")
+    assert summary(reference)["feature_cache"] == "miss"
+
+    p = copy_prepared(train_data, tmp_path / "p", mlflow_template, **head)
+    bg = p.start_stage("train")
+    first = wait_for_checkpoint(p, bg, epoch=2)
+    bg.kill()
+    left = read_checkpoint(p.checkpoint())
+    k = left["epoch"]
+    assert 2 <= k < epochs, f"killed after epoch {k}: too late to test resuming"
+    assert left["run_id"] == first["run_id"]
+    print(f"killed after epoch {k} of {epochs}")
+
+    resumed = p.run("train")
+    assert f"resuming MLflow run {left['run_id']} from epoch {k}" in resumed.stderr
+    assert summary(p)["feature_cache"] == "hit"  # the killed run had written the features
+    (run,) = p.runs()
+    assert run.info.run_id == left["run_id"] and run.info.status == "FINISHED"
+    c = p.client()
+    for key in EPOCH_METRICS:
+        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, EPOCH_KEYS[key])) == list(range(1, epochs + 1)), key
+    assert [[h[key] for key in LEARNED] for h in history(p)] == \
+        [[h[key] for key in LEARNED] for h in history(reference)]
+    assert_same_tensors(model_pt(p)["state_dict"], model_pt(reference)["state_dict"])
