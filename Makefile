@@ -60,8 +60,9 @@ bench-scale: install-dev
 	$(PY) -m tools.bench --scale 120000
 
 # Two processes: most tests wait on a stage's subprocess, which leaves a core idle. A module's tests stay
-# together (its fixtures are built once). `make test TEST_ARGS=` runs them in one process.
-TEST_ARGS ?= -n 2 --dist loadscope
+# together (its fixtures are built once); the longest modules go first (tests/conftest.py), in that
+# order. `make test TEST_ARGS=` runs them in one process.
+TEST_ARGS ?= -n 2 --dist loadscope --no-loadscope-reorder
 test: install-dev
 	$(PY) -m pytest -q $(TEST_ARGS) tests
 
