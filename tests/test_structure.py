@@ -1,6 +1,6 @@
 """The code's shape, derived from the code itself: no import cycles in pipeline/, each DVC stage depends
 on exactly the pipeline/ modules it runs (so a code change retrains what it should), and no test module
-imports another."""
+imports another; the modules conftest runs first exist."""
 
 from __future__ import annotations
 
@@ -53,3 +53,10 @@ def test_no_test_module_imports_another():
             names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
                 [a.name for a in node.names] if isinstance(node, ast.Import) else []
             assert not [n for n in names if n.split(".")[-1].startswith("test_") or n.endswith("conftest")], path
+
+
+def test_the_longest_modules_conftest_runs_first_exist():
+    tree = ast.parse((REPO / "tests/conftest.py").read_text())
+    (names,) = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "LONGEST_MODULES" for t in node.targets)]
+    assert names and [m for m in names if not (REPO / "tests" / m).is_file()] == []
