@@ -9,6 +9,20 @@ from helpers.training import (EPOCH_KEYS, EPOCH_METRICS, LEARNED, assert_same_te
 from pipeline.checkpoint import read_checkpoint
 
 
+def assert_resumed_like(p, reference, run_id: str, epochs: int) -> None:
+    """`p` holds one MLflow run, `run_id`, reopened and finished with each epoch's metrics logged exactly
+    once, and ended with the same weights and curves as `reference`'s uninterrupted run."""
+    (run,) = p.runs()
+    assert run.info.run_id == run_id == summary(p)["run_id"]
+    assert run.info.status == "FINISHED"
+    c = p.client()
+    for key in EPOCH_METRICS:
+        assert sorted(m.step for m in c.get_metric_history(run_id, EPOCH_KEYS[key])) == list(range(1, epochs + 1)), key
+    assert [[h[key] for key in LEARNED] for h in history(p)] == \
+        [[h[key] for key in LEARNED] for h in history(reference)]
+    assert_same_tensors(model_pt(p)["state_dict"], model_pt(reference)["state_dict"])
+
+
 def test_killed_run_resumes_in_the_same_mlflow_run_to_the_same_result(train_data, train_reference, tmp_path,
                                                                       mlflow_template):
     epochs = TRAIN_FAST["train__epochs"]
@@ -37,18 +51,7 @@ def test_killed_run_resumes_in_the_same_mlflow_run_to_the_same_result(train_data
     assert f"epoch {k}/{epochs}" not in resumed.stderr  # epochs 1..k are not trained again
     assert f"epoch {k + 1}/{epochs}" in resumed.stderr
 
-    # one MLflow run, reopened and finished; each epoch's metrics logged exactly once
-    (run,) = p.runs()
-    assert run.info.run_id == left["run_id"] == summary(p)["run_id"]
-    assert run.info.status == "FINISHED"
-    c = p.client()
-    for key in EPOCH_METRICS:
-        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, EPOCH_KEYS[key])) == list(range(1, epochs + 1)), key
-
-    # the same weights and curves as the uninterrupted run with the same params and data
-    assert [[h[key] for key in LEARNED] for h in history(p)] == \
-        [[h[key] for key in LEARNED] for h in history(train_reference)]
-    assert_same_tensors(model_pt(p)["state_dict"], model_pt(train_reference)["state_dict"])
+    assert_resumed_like(p, train_reference, left["run_id"], epochs)
     assert not ckpt_path.exists()  # removed after success
 
 
@@ -93,11 +96,4 @@ def test_a_head_on_cached_features_resumes_to_the_same_result(train_data, tmp_pa
     resumed = p.run("train")
     assert f"resuming MLflow run {left['run_id']} from epoch {k}" in resumed.stderr
     assert summary(p)["feature_cache"] == "hit"  # the killed run had written the features
-    (run,) = p.runs()
-    assert run.info.run_id == left["run_id"] and run.info.status == "FINISHED"
-    c = p.client()
-    for key in EPOCH_METRICS:
-        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, EPOCH_KEYS[key])) == list(range(1, epochs + 1)), key
-    assert [[h[key] for key in LEARNED] for h in history(p)] == \
-        [[h[key] for key in LEARNED] for h in history(reference)]
-    assert_same_tensors(model_pt(p)["state_dict"], model_pt(reference)["state_dict"])
+    assert_resumed_like(p, reference, left["run_id"], epochs)
