@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -386,6 +387,14 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, model_id: st
     mlflow.log_metrics(metrics, step=step, model_id=model_id, dataset=dataset)
 
 
+# MLflow's SQL store looks a data set up and inserts it when absent, so runs that start at once in
+# one experiment (a `dvc exp` queue with jobs > 1, teammates on one server) can all insert it, and
+# all but one fail on the table's key. The loser's transaction rolls back whole and the winner's row
+# is committed by then, so a second try finds it and only links the run to it.
+_DATASET_CLASH = re.compile(r"(unique|duplicate).*dataset|dataset.*(unique|duplicate)", re.IGNORECASE | re.DOTALL)
+_DATASET_TRIES = 3
+
+
 @mlflow_call("logging")
 def log_dataset(path: Path, name: str, digest: str, context: str):
     """Record data as the run's input: its folder, a name and a digest. Returns the MLflow dataset."""
@@ -396,7 +405,14 @@ def log_dataset(path: Path, name: str, digest: str, context: str):
     # Named directly: MLflow registers the local source twice and warns when asked to guess.
     local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
     ds = MetaDataset(local(str(Path(path).resolve())), name=name, digest=digest[:32])
-    mlflow.log_input(ds, context=context)
+    for attempt in range(1, _DATASET_TRIES + 1):
+        try:
+            mlflow.log_input(ds, context=context)
+            break
+        except mlflow.exceptions.MlflowException as e:
+            if attempt == _DATASET_TRIES or not _DATASET_CLASH.search(str(e)):
+                raise
+            log.info("another run recorded data set %s at the same moment; recording it again", name)
     return ds
 
 

@@ -1,6 +1,7 @@
 """The pipeline against a real `mlflow server` with basic auth (started by `make server`'s module) on a
 free loopback port: runs, artifacts, model versions and the alias land there; anonymous requests are
-refused; a server that is down fails a stage fast, before training."""
+refused; a server that is down fails a stage fast, before training; runs that start at once record
+their shared data set."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers.mlflow_server import PASSWORD, USER, Server, free_port
-from helpers.project import REPO
+from helpers.project import REPO, inside_project
 from helpers.race import run_trials
 from helpers.tls import self_signed
 from helpers.training import EPOCH_KEYS
@@ -175,3 +176,43 @@ def test_concurrent_promotions_through_the_server_end_on_the_best(server, monkey
     results = run_trials(env, trials=5, workers=4, seed=2)
     print(f"{len(results)} trials; final champion the best in {sum(r['best'] for r in results)}")
     assert [r for r in results if not r["best"]] == []
+
+
+def test_runs_starting_at_once_record_their_shared_data_set(server, project, monkeypatch):
+    """8 runs of one experiment record the same data set at the same moment, 5 rounds. MLflow's store
+    inserts a data set when absent, so all but one of those inserts clash on the table's key:
+    log_dataset tries again, and every run ends with the data set as its input."""
+    import threading
+
+    import mlflow
+
+    from pipeline import tracking
+
+    for key, value in {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}.items():
+        monkeypatch.setenv(key, value)
+    project.tracking_uri = server
+    runs, errors = 8, []
+
+    def record(run_id: str, barrier: threading.Barrier) -> None:
+        with mlflow.start_run(run_id=run_id):
+            barrier.wait(timeout=60)
+            try:
+                tracking.log_dataset(project.root, name="builtin:digits", digest="d" * 32, context="training")
+            except Exception as e:  # reported below
+                errors.append(f"{type(e).__name__}: {e}")
+
+    with inside_project(project):
+        client = mlflow.MlflowClient()
+        for trial in range(5):
+            experiment = client.create_experiment(f"data-set-race-{trial}")
+            run_ids = [client.create_run(experiment).info.run_id for _ in range(runs)]
+            barrier = threading.Barrier(runs)
+            threads = [threading.Thread(target=record, args=(run_id, barrier)) for run_id in run_ids]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+            assert errors == [], f"trial {trial}"
+            for run_id in run_ids:
+                inputs = client.get_run(run_id).inputs.dataset_inputs
+                assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("builtin:digits", "d" * 32)]
