@@ -33,6 +33,16 @@ def server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture
+def credentials(monkeypatch) -> dict[str, str]:
+    """The server's admin account, set in this process's environment (where MLflow's client reads it)
+    and returned for the environment of processes the test starts."""
+    account = {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+    for key, value in account.items():
+        monkeypatch.setenv(key, value)
+    return account
+
+
 def _get(url: str, auth: bool, context: ssl.SSLContext | None = None, password: str = PASSWORD) -> int:
     req = urllib.request.Request(url + "/api/2.0/mlflow/experiments/search?max_results=10")
     if auth:
@@ -119,14 +129,11 @@ def test_server_settings_are_checked():
         server_command({**base, "MLFLOW_AUTH_CACHE_TTL_SECONDS": "1m"})
 
 
-def test_train_and_evaluate_against_server(server, project, monkeypatch):
+def test_train_and_evaluate_against_server(server, project, credentials):
     project.set(**FAST)
     project.run("fetch_data")
     project.run("prepare")
     project.tracking_uri = server
-    env = {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
     project.run("train")
     project.run("evaluate")
     train = json.loads(project.path("reports/train.json").read_text())
@@ -167,18 +174,15 @@ def test_stage_fails_fast_when_server_is_down(project):
     assert not project.path("models/model.pt").exists()
 
 
-def test_concurrent_promotions_through_the_server_end_on_the_best(server, monkeypatch):
+def test_concurrent_promotions_through_the_server_end_on_the_best(server, credentials):
     """4 promotions at once through the server (its 4 workers), 5 trials: the alias ends on the best."""
-    env = {"MLFLOW_TRACKING_URI": server, "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD,
-           "PYTHONPATH": str(REPO)}
-    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.setenv(key, env[key])
+    env = {"MLFLOW_TRACKING_URI": server, **credentials, "PYTHONPATH": str(REPO)}
     results = run_trials(env, trials=5, workers=4, seed=2)
     print(f"{len(results)} trials; final champion the best in {sum(r['best'] for r in results)}")
     assert [r for r in results if not r["best"]] == []
 
 
-def test_runs_starting_at_once_record_their_shared_data_set(server, project, monkeypatch):
+def test_runs_starting_at_once_record_their_shared_data_set(server, project, credentials):
     """8 runs of one experiment record the same data set at the same moment, 5 rounds. MLflow's store
     inserts a data set when absent, so all but one of those inserts clash on the table's key:
     log_dataset tries again, and every run ends with the data set as its input."""
@@ -188,8 +192,6 @@ def test_runs_starting_at_once_record_their_shared_data_set(server, project, mon
 
     from pipeline import tracking
 
-    for key, value in {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}.items():
-        monkeypatch.setenv(key, value)
     project.tracking_uri = server
     runs, errors = 8, []
 
